@@ -1,0 +1,5 @@
+import sys
+
+from sparsejax.cli import main
+
+sys.exit(main())

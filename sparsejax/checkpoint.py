@@ -1,0 +1,61 @@
+"""Orbax checkpoints of the training state, plus a small JSON record of the data position.
+
+Layout under ``<run_dir>/checkpoints/<step>/``: ``state`` (an Orbax ``StandardSave`` of
+the pytree ``{params, rest, opt_state, rng}``, where ``rest`` holds a model's non-trainable
+variables) and ``meta`` (JSON: step, data position, seed). Orbax writes each step into a
+temporary directory and renames it when complete, so a process killed during a save leaves
+the previous checkpoints usable; leftover temporary directories are removed on the next
+open.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+__all__ = ["Checkpointer"]
+
+
+class Checkpointer:
+    """Save every-k-steps checkpoints, keep the last ``keep``, restore the latest."""
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
+            cleanup_tmp_directories=not read_only, create=not read_only)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Start saving ``state`` (a pytree of arrays) and ``meta`` (JSON-able) at ``step``;
+        returns once the arrays are copied to host when saving asynchronously."""
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+        """Restore the pytree saved at ``step`` into the structure (and shardings) of
+        ``target``; returns ``(state, meta)``."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        return restored.state, dict(restored.meta)
+
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))
+        return dict(restored.meta)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,0 +1,120 @@
+"""``sparsejax`` command line.
+
+    sparsejax train CONFIG [key=value ...] [--sweep key=v1,v2 ...]
+    sparsejax layers CONFIG [key=value ...]
+
+Configuration problems print one line to stderr and exit with code 2 before anything is
+written; a diverged run exits with code 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from collections.abc import Sequence
+
+from sparsejax.config import Config, ConfigError, load_config
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+
+
+def _parse_sweeps(sweeps: Sequence[str]) -> list[list[str]]:
+    """``["a.b=1,2", "c=x,y"]`` -> the cartesian product as override lists."""
+    axes = []
+    for item in sweeps:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"bad --sweep '{item}': expected key=v1,v2,...")
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
+
+
+def _variant_name(overrides: Sequence[str]) -> str:
+    return ",".join(f"{o.split('=', 1)[0].rsplit('.', 1)[-1]}={o.split('=', 1)[1]}"
+                    for o in overrides)
+
+
+def build_configs(config: str, overrides: Sequence[str], sweeps: Sequence[str]
+                  ) -> list[Config]:
+    """Every config a ``train`` call will run; a sweep's variants become
+    ``<name>/<key=value,...>`` under one parent directory."""
+    variants = _parse_sweeps(sweeps)
+    if variants == [[]]:
+        return [load_config(config, list(overrides))]
+    base = load_config(config, list(overrides))
+    parent = base.run_dir or os.path.join("runs", base.name)
+    configs = []
+    for extra in variants:
+        variant = _variant_name(extra)
+        configs.append(load_config(config, [*overrides, *extra, f"name={base.name}/{variant}",
+                                            f"run_dir={os.path.join(parent, variant)}"]))
+    return configs
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from sparsejax.train import NonFiniteLossError, run
+
+    configs = build_configs(args.config, args.overrides, args.sweep)  # all checked up front
+    summaries = []
+    for cfg in configs:
+        try:
+            results = run(cfg)
+        except NonFiniteLossError as err:
+            print(f"sparsejax: {err}", file=sys.stderr)
+            return EXIT_DIVERGED
+        summaries.append((cfg.name, results))
+    if len(summaries) > 1:
+        keys = [k for k in summaries[0][1] if k.startswith("val_")]
+        print("\nsweep summary")
+        print("\t".join(["run", *keys]))
+        for name, res in summaries:
+            print("\t".join([name, *(f"{res[k]:.4f}" for k in keys)]))
+    return 0
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from flax import nnx
+
+    from sparsejax.rules import named_layers
+    from sparsejax.tasks import build_task
+
+    cfg = load_config(args.config, args.overrides)
+    model = build_task(cfg).build_model(nnx.Rngs(params=cfg.train.seed))
+    for path, layer in named_layers(model):
+        print(f"{path}\t{tuple(layer.kernel.shape)}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsejax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train from a YAML config (resumes if the run exists)")
+    train.add_argument("config", help="YAML config file, e.g. configs/gpt_tiny.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
+    train.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                       help="repeatable; runs the cartesian product, one run directory each")
+    train.set_defaults(func=_cmd_train)
+    layers = sub.add_parser("layers", help="list the linear layers' paths (for rules)")
+    layers.add_argument("config")
+    layers.add_argument("overrides", nargs="*")
+    layers.set_defaults(func=_cmd_layers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"sparsejax: config error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sparsejax: interrupted; the latest checkpoint is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""Typed experiment configuration: OmegaConf structured configs + YAML + dotted overrides.
+
+A config is one :class:`Config` dataclass, built from
+
+1. the schema defaults below,
+2. a YAML file (``configs/*.yaml``), and
+3. command-line overrides in dotted form (``train.steps=200 optimizer.lr=3e-4``),
+
+merged in that order. Every failure to build it - a missing file, an unknown key, a value
+of the wrong type, an inconsistent combination - raises :class:`ConfigError` whose message is
+one line naming the offending key (with close matches for misspelt keys). The CLI turns it
+into that line on stderr and exit code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import errors as oc_errors
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DataSource",
+    "LoggingConfig",
+    "ModelConfig",
+    "ModelKind",
+    "OptimizerConfig",
+    "RuleConfig",
+    "TrainConfig",
+    "all_keys",
+    "apply_overrides",
+    "config_diff",
+    "load_config",
+    "to_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line naming the key."""
+
+
+class ModelKind(str, enum.Enum):
+    gpt = "gpt"
+    mlp = "mlp"
+
+
+class DataSource(str, enum.Enum):
+    stdlib = "stdlib"  # byte corpus from the running Python's standard-library sources
+    text = "text"  # any text file, read as bytes
+    tokens = "tokens"  # nanoGPT-style uint16 token file (or a directory with train.bin/val.bin)
+    digits = "digits"  # scikit-learn's bundled 8x8 digits (classification)
+
+
+@dataclass
+class ModelConfig:
+    kind: ModelKind = ModelKind.gpt
+    # GPT
+    vocab_size: int = 256
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    # MLP classifier
+    hidden: list[int] = field(default_factory=lambda: [128, 128])
+    num_classes: int = 10
+    # Parameters are float32; this is the compute dtype of matmuls (float32 | bfloat16).
+    dtype: str = "float32"
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.stdlib
+    path: str | None = None  # file for `text` / `tokens`
+    val_fraction: float = 0.1  # tail of the corpus held out for validation
+    max_bytes: int = 0  # cap on the corpus size for byte sources (0 = no cap)
+    batch_size: int = 32
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    seed: int = 0
+    eval_every: int = 200
+    eval_batches: int = 8
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 20
+    tensorboard: bool = True
+    progress: str = "auto"  # auto | bar | lines | none
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 200
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class RuleConfig:
+    """One path rule: ``pattern`` is a regex matched (``re.fullmatch``) against the
+    ``/``-joined module path of each layer (``blocks/0/mlp/fc``). Sparsity, quantisation
+    and analog specs attach to rules in later releases."""
+
+    pattern: str = ".*"
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    run_dir: str | None = None  # default: runs/<name>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    rules: list[RuleConfig] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- key listing
+
+
+def all_keys(schema: Any = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of a dataclass schema (``optimizer.lr``, ...)."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        key = prefix + f.name
+        keys.append(key)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            keys.extend(all_keys(type(default), key + "."))
+    return keys
+
+
+def _close_matches(key: str) -> str:
+    candidates = all_keys() + [f"rules.N.{f.name}" for f in dataclasses.fields(RuleConfig)]
+    matches = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+    if not matches:  # try the last component alone (``lrr`` -> ``optimizer.lr``)
+        leaf = key.rsplit(".", 1)[-1]
+        matches = [c for c in candidates if difflib.get_close_matches(
+            leaf, [c.rsplit(".", 1)[-1]], n=1, cutoff=0.75)][:3]
+    return f" (did you mean {', '.join(repr(m) for m in matches)}?)" if matches else ""
+
+
+def _describe(err: oc_errors.OmegaConfBaseException, origin: str) -> str:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, oc_errors.ConfigKeyError | oc_errors.ConfigAttributeError):
+        return f"unknown key '{key}' in {origin}{_close_matches(key)}"
+    if isinstance(err, oc_errors.ValidationError):
+        msg = str(err.msg if hasattr(err, "msg") else err).splitlines()[0]
+        return f"bad value for '{key}' in {origin}: {msg}"
+    if isinstance(err, oc_errors.MissingMandatoryValue):
+        return f"missing value for '{key}' in {origin}"
+    return f"{origin}: {str(err).splitlines()[0]}"
+
+
+# --------------------------------------------------------------------------- loading
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str], origin: str = "overrides") -> DictConfig:
+    """Merge dotted ``key=value`` overrides into a structured config (type-checked)."""
+    known = set(all_keys())
+    for item in overrides:
+        if not _OVERRIDE.match(item):
+            raise ConfigError(f"bad override '{item}': expected key=value, e.g. train.steps=200")
+        key = item.split("=", 1)[0]
+        if key not in known and not key.startswith("rules."):
+            raise ConfigError(f"unknown key '{key}' in {origin}{_close_matches(key)}")
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except oc_errors.OmegaConfBaseException as err:
+        raise ConfigError(_describe(err, origin)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from an optional YAML file plus overrides.
+
+    The config's ``name`` defaults to the YAML file's stem when the file does not set one.
+    """
+    schema = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # YAML syntax errors
+            raise ConfigError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: top level must be a mapping of keys, got a list")
+        if "name" not in loaded:
+            loaded.name = path.stem
+        try:
+            schema = OmegaConf.merge(schema, loaded)
+        except oc_errors.OmegaConfBaseException as err:
+            raise ConfigError(_describe(err, str(path))) from None
+    schema = apply_overrides(schema, list(overrides or []))
+    cfg: Config = OmegaConf.to_object(schema)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """A :class:`Config` from a plain nested dict (e.g. a saved ``config.yaml``)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    except oc_errors.OmegaConfBaseException as err:
+        raise ConfigError(_describe(err, "config dict")) from None
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_flat_dict(cfg: Config) -> dict[str, Any]:
+    """``{"optimizer.lr": 0.003, ...}`` with enums as strings and lists as strings."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, DictConfig):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            value = OmegaConf.to_container(node) if isinstance(node, ListConfig) else node
+            if isinstance(value, enum.Enum):
+                value = value.value
+            flat[prefix[:-1]] = value
+
+    walk(OmegaConf.structured(cfg), "")
+    return flat
+
+
+def config_diff(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    fa, fb = to_flat_dict(a), to_flat_dict(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"bad value for '{key}': {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks OmegaConf's types cannot express. Raises :class:`ConfigError`."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
+    _require(bool(re.fullmatch(r"[\w.\-=,/]+", cfg.name)), "name",
+             f"'{cfg.name}' must be letters, digits and . _ - = , / only")
+    for key, value in [("model.block_size", m.block_size), ("model.n_layer", m.n_layer),
+                       ("model.n_head", m.n_head), ("model.n_embd", m.n_embd),
+                       ("model.vocab_size", m.vocab_size), ("model.mlp_ratio", m.mlp_ratio),
+                       ("model.num_classes", m.num_classes), ("data.batch_size", d.batch_size),
+                       ("train.steps", t.steps), ("train.eval_every", t.eval_every),
+                       ("train.eval_batches", t.eval_batches),
+                       ("logging.log_every", cfg.logging.log_every),
+                       ("checkpoint.every", cfg.checkpoint.every),
+                       ("checkpoint.keep", cfg.checkpoint.keep)]:
+        _require(value > 0, key, f"must be > 0, got {value}")
+    _require(m.n_embd % m.n_head == 0, "model.n_embd",
+             f"{m.n_embd} is not divisible by model.n_head={m.n_head}")
+    _require(all(h > 0 for h in m.hidden), "model.hidden", f"sizes must be > 0, got {m.hidden}")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _require(m.dtype in ("float32", "bfloat16"), "model.dtype",
+             f"'{m.dtype}' is not one of float32|bfloat16")
+    _require(0.0 < d.val_fraction < 1.0, "data.val_fraction",
+             f"must be in (0, 1), got {d.val_fraction}")
+    _require(d.max_bytes >= 0, "data.max_bytes", f"must be >= 0, got {d.max_bytes}")
+    _require(o.name in ("adamw",), "optimizer.name", f"'{o.name}' is not one of adamw")
+    _require(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio",
+             f"must be in [0, 1], got {o.min_lr_ratio}")
+    _require(0 <= o.warmup_steps < t.steps, "optimizer.warmup_steps",
+             f"must be in [0, train.steps={t.steps}), got {o.warmup_steps}")
+    _require(o.grad_clip >= 0, "optimizer.grad_clip", f"must be >= 0, got {o.grad_clip}")
+    _require(cfg.logging.progress in ("auto", "bar", "lines", "none"), "logging.progress",
+             f"'{cfg.logging.progress}' is not one of auto|bar|lines|none")
+
+    byte_sources = (DataSource.stdlib, DataSource.text, DataSource.tokens)
+    if m.kind == ModelKind.gpt:
+        _require(d.source in byte_sources, "data.source",
+                 f"model.kind=gpt needs a token source (stdlib|text|tokens), got {d.source.value}")
+    else:
+        _require(d.source == DataSource.digits, "data.source",
+                 f"model.kind=mlp needs data.source=digits, got {d.source.value}")
+    if d.source in (DataSource.text, DataSource.tokens):
+        _require(d.path is not None, "data.path", f"data.source={d.source.value} needs a path")
+        _require(Path(d.path).exists(), "data.path", f"file not found: {d.path}")
+    if d.source in (DataSource.stdlib, DataSource.text):
+        _require(m.vocab_size >= 256, "model.vocab_size",
+                 f"byte-level data needs vocab_size >= 256, got {m.vocab_size}")
+    for i, rule in enumerate(cfg.rules):
+        try:
+            re.compile(rule.pattern)
+        except re.error as err:
+            raise ConfigError(f"bad value for 'rules.{i}.pattern': invalid regex "
+                              f"'{rule.pattern}' ({err})") from None

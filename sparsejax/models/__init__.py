@@ -1,0 +1,6 @@
+"""Models built from :mod:`sparsejax.nn` layers."""
+
+from sparsejax.models.gpt import GPT
+from sparsejax.models.mlp import MLPClassifier
+
+__all__ = ["GPT", "MLPClassifier"]

@@ -1,0 +1,123 @@
+"""Decoder-only GPT (GPT-2 layout): pre-LayerNorm blocks, causal self-attention, GELU MLP,
+learned positions, optional tying of the output head to the token embedding.
+
+Module paths of the linear layers, for rules: ``blocks/<i>/attn/qkv``,
+``blocks/<i>/attn/proj``, ``blocks/<i>/mlp/fc``, ``blocks/<i>/mlp/proj`` and, untied,
+``lm_head``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.nn import Embed, LayerNorm, Linear, dropout
+
+__all__ = ["GPT"]
+
+
+def _fold(key: jax.Array | None, i: int) -> jax.Array | None:
+    return None if key is None else jax.random.fold_in(key, i)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, n_embd: int, n_head: int, *, resid_init: nnx.initializers.Initializer,
+                 dropout_rate: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.n_head = n_head
+        self.dropout_rate = dropout_rate
+        init = nnx.initializers.normal(0.02)
+        self.qkv = Linear(n_embd, 3 * n_embd, kernel_init=init, dtype=dtype, rngs=rngs)
+        self.proj = Linear(n_embd, n_embd, kernel_init=resid_init, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
+        """``x``: (B, T, C) -> (B, T, C)."""
+        b, t, c = x.shape
+        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        shape = (b, t, self.n_head, c // self.n_head)
+        y = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
+                                         is_causal=True)
+        return dropout(self.proj(y.reshape(b, t, c)), self.dropout_rate, key)
+
+
+class MLP(nnx.Module):
+    def __init__(self, n_embd: int, hidden: int, *, resid_init: nnx.initializers.Initializer,
+                 dropout_rate: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.dropout_rate = dropout_rate
+        init = nnx.initializers.normal(0.02)
+        self.fc = Linear(n_embd, hidden, kernel_init=init, dtype=dtype, rngs=rngs)
+        self.proj = Linear(hidden, n_embd, kernel_init=resid_init, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
+        return dropout(self.proj(jax.nn.gelu(self.fc(x))), self.dropout_rate, key)
+
+
+class Block(nnx.Module):
+    def __init__(self, n_embd: int, n_head: int, mlp_ratio: int, *,
+                 resid_init: nnx.initializers.Initializer, dropout_rate: float,
+                 dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.ln_1 = LayerNorm(n_embd, dtype=dtype)
+        self.attn = CausalSelfAttention(n_embd, n_head, resid_init=resid_init,
+                                        dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
+        self.ln_2 = LayerNorm(n_embd, dtype=dtype)
+        self.mlp = MLP(n_embd, mlp_ratio * n_embd, resid_init=resid_init,
+                       dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
+        x = x + self.attn(self.ln_1(x), _fold(key, 0))
+        return x + self.mlp(self.ln_2(x), _fold(key, 1))
+
+
+class GPT(nnx.Module):
+    """Token ids ``(B, T)`` -> next-token logits ``(B, T, vocab_size)`` (float32).
+
+    Initialisation follows GPT-2: N(0, 0.02) everywhere, residual output projections
+    N(0, 0.02 / sqrt(2 * n_layer)).
+    """
+
+    def __init__(self, *, vocab_size: int = 256, block_size: int = 128, n_layer: int = 4,
+                 n_head: int = 4, n_embd: int = 128, mlp_ratio: int = 4,
+                 dropout_rate: float = 0.0, tie_embeddings: bool = True,
+                 dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        if n_embd % n_head:
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
+        self.block_size = block_size
+        self.dropout_rate = dropout_rate
+        resid_init = nnx.initializers.normal(0.02 / math.sqrt(2 * n_layer))
+        self.wte = Embed(vocab_size, n_embd, dtype=dtype, rngs=rngs)
+        self.wpe = Embed(block_size, n_embd, dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([
+            Block(n_embd, n_head, mlp_ratio, resid_init=resid_init, dropout_rate=dropout_rate,
+                  dtype=dtype, rngs=rngs) for _ in range(n_layer)])
+        self.ln_f = LayerNorm(n_embd, dtype=dtype)
+        self.lm_head = None if tie_embeddings else Linear(
+            n_embd, vocab_size, use_bias=False, kernel_init=nnx.initializers.normal(0.02),
+            dtype=dtype, rngs=rngs)
+
+    def __call__(self, ids: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        t = ids.shape[-1]
+        if t > self.block_size:
+            raise ValueError(f"sequence length {t} exceeds block_size {self.block_size}")
+        x = self.wte(ids) + self.wpe(jnp.arange(t))
+        x = dropout(x, self.dropout_rate, _fold(dropout_key, 0))
+        for i, block in enumerate(self.blocks):
+            x = block(x, _fold(dropout_key, i + 1))
+        x = self.ln_f(x)
+        logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits.astype(jnp.float32)
+
+    def generate(self, prompt: jax.Array, key: jax.Array, max_new_tokens: int,
+                 temperature: float = 1.0) -> jax.Array:
+        """Sample ``max_new_tokens`` continuations of ``prompt`` (B, T0) -> (B, T0 + new).
+
+        Plain loop over a cropped context (no KV cache): meant for looking at samples of
+        small models, not for serving.
+        """
+        ids = prompt
+        for i in range(max_new_tokens):
+            logits = self(ids[:, -self.block_size:])[:, -1] / max(temperature, 1e-6)
+            nxt = jax.random.categorical(jax.random.fold_in(key, i), logits)
+            ids = jnp.concatenate([ids, nxt[:, None].astype(ids.dtype)], axis=1)
+        return ids

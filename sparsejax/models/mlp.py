@@ -1,0 +1,31 @@
+"""MLP classifier: features ``(B, F)`` -> class logits ``(B, num_classes)``.
+
+Linear paths for rules: ``layers/<i>`` for the hidden layers, ``head`` for the output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.nn import Linear, dropout
+
+__all__ = ["MLPClassifier"]
+
+
+class MLPClassifier(nnx.Module):
+    def __init__(self, in_features: int, hidden: list[int] | tuple[int, ...], num_classes: int,
+                 *, dropout_rate: float = 0.0, dtype: jnp.dtype = jnp.float32,
+                 rngs: nnx.Rngs):
+        sizes = [in_features, *hidden]
+        self.dropout_rate = dropout_rate
+        self.layers = nnx.List([Linear(a, b, dtype=dtype, rngs=rngs)
+                                for a, b in zip(sizes[:-1], sizes[1:], strict=True)])
+        self.head = Linear(sizes[-1], num_classes, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        for i, layer in enumerate(self.layers):
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            x = dropout(jax.nn.gelu(layer(x)), self.dropout_rate, key)
+        return self.head(x).astype(jnp.float32)

@@ -1,0 +1,151 @@
+"""Tasks tie a data source to a model family and a loss.
+
+``LanguageModelTask``: GPT on a token stream, next-token cross-entropy, bits per byte
+(byte-level data) or bits per token. ``ClassificationTask``: MLP on digits,
+cross-entropy and accuracy. The trainer sees only this interface.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sparsejax.config import Config, ModelKind
+from sparsejax.data import load_digits_data, load_token_data, unigram_entropy_bits
+from sparsejax.models import GPT, MLPClassifier
+
+__all__ = ["ClassificationTask", "LanguageModelTask", "Task", "build_task"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class Task:
+    item_name: str  # what throughput counts: "tokens" or "samples"
+    items_per_batch: int
+    eval_metric_names: tuple[str, ...]  # the validation metrics, in display order
+
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module: ...
+    def train_batch(self, step: int) -> dict[str, np.ndarray]: ...
+    def eval_batches(self) -> list[dict[str, np.ndarray]]: ...
+
+    @staticmethod
+    def loss(model: nnx.Module, batch: dict[str, jax.Array], dropout_key: jax.Array | None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+    @staticmethod
+    def eval_sums(model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Per-batch sums (``count`` included) that :meth:`finish_eval` turns into means."""
+        ...
+
+    def finish_eval(self, sums: dict[str, float]) -> dict[str, float]: ...
+
+    def summary(self) -> dict[str, Any]:
+        """Facts about the data to print and log (corpus sizes, baselines)."""
+        return {}
+
+
+class LanguageModelTask(Task):
+    item_name = "tokens"
+
+    def __init__(self, cfg: Config):
+        m, d = cfg.model, cfg.data
+        self.cfg = cfg
+        self.data = load_token_data(d, m.block_size, m.vocab_size)
+        self.items_per_batch = d.batch_size * m.block_size
+        self.bits_name = "bpb" if self.data.byte_level else "bits_per_token"
+        self.eval_metric_names = ("loss", self.bits_name)
+        self._eval = self.data.eval_batches(cfg.train.eval_batches, d.batch_size, m.block_size)
+
+    def build_model(self, rngs: nnx.Rngs) -> GPT:
+        m = self.cfg.model
+        return GPT(vocab_size=m.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
+                   n_head=m.n_head, n_embd=m.n_embd, mlp_ratio=m.mlp_ratio,
+                   dropout_rate=m.dropout, tie_embeddings=m.tie_embeddings,
+                   dtype=_DTYPES[m.dtype], rngs=rngs)
+
+    def train_batch(self, step: int) -> dict[str, np.ndarray]:
+        return self.data.train_batch(self.cfg.train.seed, step, self.cfg.data.batch_size,
+                                     self.cfg.model.block_size)
+
+    def eval_batches(self) -> list[dict[str, np.ndarray]]:
+        return self._eval
+
+    @staticmethod
+    def loss(model, batch, dropout_key):
+        logits = model(batch["x"], dropout_key=dropout_key)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+        return loss, {}
+
+    @staticmethod
+    def eval_sums(model, batch):
+        logits = model(batch["x"])
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+        return {"loss": nll.sum(), "count": jnp.asarray(nll.size, jnp.float32)}
+
+    def finish_eval(self, sums):
+        loss = sums["loss"] / sums["count"]
+        return {"loss": loss, self.bits_name: loss / math.log(2)}
+
+    def summary(self):
+        vocab = self.data.vocab_size
+        # The unigram entropy of a long token file is O(N); sample a bounded prefix.
+        sample = self.data.train[: 1 << 26]
+        return {"train_tokens": len(self.data.train), "val_tokens": len(self.data.val),
+                f"unigram_entropy_{self.bits_name}": unigram_entropy_bits(sample, vocab)}
+
+
+class ClassificationTask(Task):
+    item_name = "samples"
+    eval_metric_names = ("loss", "accuracy")
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.data = load_digits_data(cfg.data)
+        self.items_per_batch = cfg.data.batch_size
+        self._eval = self.data.eval_batches(cfg.train.eval_batches, cfg.data.batch_size)
+
+    def build_model(self, rngs: nnx.Rngs) -> MLPClassifier:
+        m = self.cfg.model
+        return MLPClassifier(self.data.x_train.shape[1], list(m.hidden), m.num_classes,
+                             dropout_rate=m.dropout, dtype=_DTYPES[m.dtype], rngs=rngs)
+
+    def train_batch(self, step: int) -> dict[str, np.ndarray]:
+        return self.data.train_batch(self.cfg.train.seed, step, self.cfg.data.batch_size)
+
+    def eval_batches(self) -> list[dict[str, np.ndarray]]:
+        return self._eval
+
+    @staticmethod
+    def loss(model, batch, dropout_key):
+        logits = model(batch["x"], dropout_key=dropout_key)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+        accuracy = (logits.argmax(-1) == batch["y"]).mean()
+        return loss, {"accuracy": accuracy}
+
+    @staticmethod
+    def eval_sums(model, batch):
+        logits = model(batch["x"])
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+        correct = (logits.argmax(-1) == batch["y"]).sum()
+        return {"loss": nll.sum(), "correct": correct.astype(jnp.float32),
+                "count": jnp.asarray(nll.size, jnp.float32)}
+
+    def finish_eval(self, sums):
+        return {"loss": sums["loss"] / sums["count"], "accuracy": sums["correct"] / sums["count"]}
+
+    def summary(self):
+        counts = np.bincount(self.data.y_train, minlength=self.data.num_classes)
+        return {"train_samples": len(self.data.x_train), "val_samples": len(self.data.x_val),
+                "majority_class_accuracy": float(counts.max() / counts.sum())}
+
+
+def build_task(cfg: Config) -> Task:
+    if cfg.model.kind == ModelKind.gpt:
+        return LanguageModelTask(cfg)
+    return ClassificationTask(cfg)

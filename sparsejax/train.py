@@ -1,0 +1,336 @@
+"""The trainer: ``run(config) -> results``, the one entry point for the CLI, experiments and
+notebooks.
+
+The model is an NNX module split once into ``(graphdef, params, rest)``; the train step is
+a pure jitted function of ``(params, rest, opt_state, batch, step)``, so the trainer adds
+nothing per step beyond what a hand-written Flax + optax loop does (measured by
+``experiments/bench_train.py``). ``rest`` holds a model's non-trainable variables
+(masks, scales, counters of later transforms) and is threaded through the step.
+
+Resumption: the batch and the dropout key of step ``s`` are pure functions of
+``(seed, s)``, and checkpoints hold params, optimiser state and the RNG key, so a run
+restarted from its latest checkpoint - after ``kill -9`` too - ends bitwise identical
+(on CPU) to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sparsejax.checkpoint import Checkpointer
+from sparsejax.config import (
+    Config,
+    ConfigError,
+    OptimizerConfig,
+    config_diff,
+    from_dict,
+    to_flat_dict,
+    to_yaml,
+)
+from sparsejax.reporting import Progress, TensorBoardWriter, format_table
+from sparsejax.rules import assign_rules
+from sparsejax.tasks import Task, build_task
+
+__all__ = ["NonFiniteLossError", "RunDirError", "TrainState", "make_optimizer",
+           "make_train_step", "run"]
+
+# Keys that may change between a run and its resumption without changing what it computes.
+RESUMABLE_KEYS = ("logging.log_every", "logging.progress", "logging.tensorboard",
+                  "checkpoint.keep", "checkpoint.async_save")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN/Inf; the run stopped."""
+
+
+class RunDirError(ConfigError):
+    """The run directory holds something this run must not overwrite."""
+
+
+@dataclass
+class TrainState:
+    """Everything that evolves during training: a pytree Orbax saves as it is."""
+
+    params: nnx.State
+    rest: nnx.State
+    opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key data of the base training key
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"params": self.params, "rest": self.rest, "opt_state": self.opt_state,
+                "rng": self.rng}
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up to ``lr`` then cosine decay to ``lr * min_lr_ratio``,
+    global-norm gradient clipping, and weight decay on matrices only (ndim >= 2)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=total_steps, end_value=cfg.lr * cfg.min_lr_ratio)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw), schedule
+    return adamw, schedule
+
+
+def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransformation,
+                    use_dropout: bool):
+    """The pure train step ``(params, rest, opt_state, rng, batch, step) ->
+    (params, rest, opt_state, metrics)``; ``metrics['finite']`` is False when the loss,
+    the gradient or the updated parameters hold a NaN/Inf."""
+
+    def train_step(params, rest, opt_state, rng, batch, step):
+        key = jax.random.fold_in(jax.random.wrap_key_data(rng), step) if use_dropout else None
+
+        def loss_of(p):
+            model = nnx.merge(graphdef, p, rest)
+            loss, aux = task.loss(model, batch, key)
+            return loss, (aux, nnx.split(model, nnx.Param, ...)[2])
+
+        (loss, (aux, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        grad_norm = optax.tree.norm(grads)
+        # One flag for everything that would make a checkpoint of this state unusable.
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(optax.tree.norm(params)))
+        metrics = {"loss": loss, "grad_norm": grad_norm, **aux, "finite": finite}
+        return params, new_rest, opt_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, task: Task):
+    def eval_step(params, rest, batch):
+        return task.eval_sums(nnx.merge(graphdef, params, rest), batch)
+
+    return eval_step
+
+
+def evaluate(eval_step, state: TrainState, task: Task) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for batch in task.eval_batches():
+        for k, v in jax.device_get(eval_step(state.params, state.rest, batch)).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return {k: float(v) for k, v in task.finish_eval(sums).items()}
+
+
+def count_params(params: nnx.State) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def resolve_run_dir(cfg: Config) -> Path:
+    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
+    """Check that ``run_dir`` is new or holds this same run. Returns True when it holds a
+    run to resume. Writes nothing; raises :class:`RunDirError`."""
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file():
+        from omegaconf import OmegaConf
+
+        try:
+            saved = from_dict(OmegaConf.to_container(OmegaConf.load(config_file)))
+        except ConfigError as err:
+            raise RunDirError(f"{config_file} is not a valid sparsejax config ({err}); "
+                              "use another run_dir") from None
+        changed = [k for k in config_diff(saved, cfg)
+                   if k not in RESUMABLE_KEYS and k != "run_dir"]
+        if changed:
+            old, new = to_flat_dict(saved), to_flat_dict(cfg)
+            detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+            raise RunDirError(f"{run_dir} holds a run with a different config ({detail}); "
+                              "set another name= or run_dir= to start a new run")
+        return True
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise RunDirError(f"{run_dir} exists and is not a sparsejax run directory "
+                          "(no config.yaml); set another name= or run_dir=")
+    return False
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
+    """Train ``cfg``, resuming from the run directory's latest checkpoint if there is one.
+
+    Returns the results dict (also written to ``<run_dir>/results.json``): final train and
+    validation metrics, data baselines, throughput, parameter count, steps.
+    Raises :class:`ConfigError` / :class:`RunDirError` before writing anything when the
+    config or run directory is unusable, and :class:`NonFiniteLossError` when the loss
+    diverges (the last good checkpoint is kept).
+    """
+    run_dir = resolve_run_dir(cfg)
+    resuming = prepare_run_dir(cfg, run_dir)
+    try:
+        task = build_task(cfg)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data: {err}") from None
+
+    model = task.build_model(nnx.Rngs(params=cfg.train.seed))
+    try:
+        assign_rules(model, cfg.rules)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+    state = TrainState(params=params, rest=rest, opt_state=tx.init(params),
+                       rng=jax.random.key_data(jax.random.key(cfg.train.seed)))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
+                        async_save=cfg.checkpoint.async_save)
+    start = ckpt.latest_step() or 0
+    if start:
+        restored, meta = ckpt.restore(start, state.as_dict())
+        state = TrainState(**restored)
+        if meta["data_position"] != start:
+            raise RunDirError(f"checkpoint {start} records data position "
+                              f"{meta['data_position']}; the checkpoint is inconsistent")
+    total = cfg.train.steps
+    mode = cfg.logging.progress if verbose else "none"
+    progress = Progress(total, start, mode=mode)
+    if resuming and start:
+        progress.message(f"resuming {run_dir} from step {start}")
+
+    writer = None
+    if cfg.logging.tensorboard:
+        writer = TensorBoardWriter(run_dir, purge_step=start + 1 if start else None)
+        if not start:
+            writer.text("config", to_yaml(cfg))
+            writer.hparams_start(to_flat_dict(cfg),
+                                 [f"val/{k}" for k in task.eval_metric_names])
+
+    use_dropout = cfg.model.dropout > 0
+    train_step = jax.jit(make_train_step(graphdef, task, tx, use_dropout))
+    eval_step = jax.jit(make_eval_step(graphdef, task))
+    info = task.summary()
+    items = task.items_per_batch
+    rate_key = f"throughput/{task.item_name}_per_sec"
+
+    # Compile ahead so that throughput excludes compilation.
+    t0 = time.perf_counter()
+    if start < total:
+        step_args = (state.params, state.rest, state.opt_state, state.rng,
+                     task.train_batch(start), np.int32(start))
+        train_step = train_step.lower(*step_args).compile()
+    compile_seconds = time.perf_counter() - t0
+
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    last_saved = start if start else None
+    last_train: dict[str, float] = {}
+    train_seconds, train_items = 0.0, 0
+    interval_start, interval_steps = time.perf_counter(), 0
+
+    def save(step: int) -> None:
+        nonlocal last_saved
+        ckpt.save(step, state.as_dict(),
+                  {"step": step, "data_position": step, "seed": cfg.train.seed,
+                   "items_seen": step * items})
+        last_saved = step
+
+    try:
+        for step in range(start, total):
+            params, rest, opt_state, metrics = train_step(
+                state.params, state.rest, state.opt_state, state.rng,
+                task.train_batch(step), np.int32(step))
+            state = TrainState(params, rest, opt_state, state.rng)
+            pending.append((step, metrics))
+            interval_steps += 1
+            done = step + 1
+            do_eval = done % cfg.train.eval_every == 0 and done != total
+            do_save = done % cfg.checkpoint.every == 0 or done == total
+            if done % cfg.logging.log_every and not (do_eval or do_save or done == total):
+                continue
+
+            # Sync point: every pending step is checked before anything is saved.
+            host = jax.device_get([m for _, m in pending])
+            seconds = time.perf_counter() - interval_start
+            for (s, _), m in zip(pending, host, strict=True):
+                if not m["finite"]:
+                    raise NonFiniteLossError(
+                        f"non-finite loss, gradient or parameters at step {s + 1} "
+                        f"(loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}); "
+                        "stopped. Last good checkpoint: "
+                        + (f"step {last_saved} in {ckpt.directory}" if last_saved else "none"))
+            last_train = {f"train/{k}": float(np.mean([m[k] for m in host]))
+                          for k in host[0] if k != "finite"}
+            train_seconds += seconds
+            train_items += interval_steps * items
+            scalars = {**last_train, "train/lr": float(schedule(step)),
+                       rate_key: interval_steps * items / seconds}
+            if "train/loss" in scalars and task.item_name == "tokens":
+                scalars[f"train/{task.bits_name}"] = scalars["train/loss"] / math.log(2)
+            pending.clear()
+
+            if do_eval:
+                val = evaluate(eval_step, state, task)
+                scalars.update({f"val/{k}": v for k, v in val.items()})
+            if writer is not None:
+                writer.scalars(done, scalars)
+            progress.update(done, scalars)
+            if do_save:
+                save(done)
+            interval_start, interval_steps = time.perf_counter(), 0
+
+        if last_saved != total:
+            save(total)
+        val = evaluate(eval_step, state, task)
+        if writer is not None:
+            writer.scalars(total, {f"val/{k}": v for k, v in val.items()})
+            writer.hparams_end()
+    finally:
+        progress.close()
+        ckpt.close()
+        if writer is not None:
+            writer.close()
+
+    results: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "steps": total,
+        "resumed_from": start,
+        "params": count_params(state.params),
+        **{k: v for k, v in info.items()},
+        **{k.replace("/", "_"): v for k, v in last_train.items()},
+        **{f"val_{k}": v for k, v in val.items()},
+        f"{task.item_name}_per_sec": train_items / train_seconds if train_seconds else None,
+        "compile_seconds": compile_seconds,
+    }
+    _write_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    if verbose:
+        print(format_table([(k, v) for k, v in results.items() if v is not None],
+                           title=f"results: {cfg.name}"), flush=True)
+    return results
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "results.json").read_text())
