@@ -258,6 +258,7 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
                    "items_seen": step * items})
         last_saved = step
 
+    loop_start = time.perf_counter()
     try:
         for step in range(start, total):
             params, rest, opt_state, metrics = train_step(
@@ -304,6 +305,8 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
 
         if last_saved != total:
             save(total)
+        jax.block_until_ready(state.params)
+        loop_seconds = time.perf_counter() - loop_start
         val = evaluate(eval_step, state, task)
         if writer is not None:
             writer.scalars(total, {f"val/{k}": v for k, v in val.items()})
@@ -322,7 +325,10 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
         **{k: v for k, v in info.items()},
         **{k.replace("/", "_"): v for k, v in last_train.items()},
         **{f"val_{k}": v for k, v in val.items()},
+        # Training intervals only (eval and checkpoint saves excluded).
         f"{task.item_name}_per_sec": train_items / train_seconds if train_seconds else None,
+        # The whole step loop: logging, TensorBoard, in-loop eval and checkpointing included.
+        "loop_seconds": loop_seconds,
         "compile_seconds": compile_seconds,
     }
     _write_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
