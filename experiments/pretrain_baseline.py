@@ -68,9 +68,10 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     lines = ["# Dense baselines of the shipped configs", "",
-             "Command: `python experiments/pretrain_baseline.py "
-             + " ".join(args.configs if args.configs != DEFAULT_CONFIGS else [])
-             + " ".join(f"--override {o}" for o in args.override) + "`", "",
+             "Command: `" + " ".join(
+                 ["python experiments/pretrain_baseline.py",
+                  *(args.configs if args.configs != DEFAULT_CONFIGS else []),
+                  *(f"--override {o}" for o in args.override)]) + "`", "",
              "| config | params | steps | metric | value | baseline | throughput/s |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| `{r['config']}` | {r['params']:,} | {r['steps']} | {r['metric']} | "

@@ -76,15 +76,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from flax import nnx
-
-    from sparsejax.rules import named_layers
-    from sparsejax.tasks import build_task
+    from sparsejax.nn import named_layers
+    from sparsejax.train import init_model
 
     cfg = load_config(args.config, args.overrides)
-    model = build_task(cfg).build_model(nnx.Rngs(params=cfg.train.seed))
-    for path, layer in named_layers(model):
-        print(f"{path}\t{tuple(layer.kernel.shape)}")
+    for path, layer in named_layers(init_model(cfg)):
+        spec = layer.sparsity
+        what = "dense" if spec is None else f"{spec.method} {spec.n}:{spec.m}" + (
+            " mvue" if spec.mvue else "") + (" fp8" if spec.fp8 else "")
+        print(f"{path}\t{tuple(layer.kernel.shape)}\t{what}")
     return 0
 
 

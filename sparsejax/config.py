@@ -36,6 +36,7 @@ __all__ = [
     "ModelKind",
     "OptimizerConfig",
     "RuleConfig",
+    "SparsityConfig",
     "TrainConfig",
     "all_keys",
     "apply_overrides",
@@ -125,12 +126,25 @@ class CheckpointConfig:
 
 
 @dataclass
-class RuleConfig:
-    """One path rule: ``pattern`` is a regex matched (``re.fullmatch``) against the
-    ``/``-joined module path of each layer (``blocks/0/mlp/fc``). Sparsity, quantisation
-    and analog specs attach to rules in later releases."""
+class SparsityConfig:
+    """N:M sparsity of the matched linear layers (METHODS.md sections 1-2)."""
 
-    pattern: str = ".*"
+    method: str = "sste"  # sste | ste | sr_ste | dense
+    n: int = 2
+    m: int = 4
+    mvue: bool = False  # 2:4 MVUE of dZ for the weight gradient (S-STE's backward)
+    fp8: bool = False  # simulate FP8 operands (E4M3 forward, E5M2 backward)
+    decay: float = 2e-4  # SR-STE lambda_W (ignored by the other methods)
+
+
+@dataclass
+class RuleConfig:
+    """One path rule: ``path`` is a regex matched (``re.fullmatch``) against the
+    ``/``-joined module path of each layer (``blocks/0/mlp/fc``; list them with
+    ``sparsejax layers CONFIG``). The first matching rule wins."""
+
+    path: str = ".*"
+    sparsity: SparsityConfig | None = None
 
 
 @dataclass
@@ -162,7 +176,9 @@ def all_keys(schema: Any = Config, prefix: str = "") -> list[str]:
 
 
 def _close_matches(key: str) -> str:
-    candidates = all_keys() + [f"rules.N.{f.name}" for f in dataclasses.fields(RuleConfig)]
+    candidates = (all_keys() + [f"rules.N.{k}" for k in all_keys(RuleConfig)]
+                  + [f"rules.N.sparsity.{k}" for k in all_keys(SparsityConfig)])
+    key = re.sub(r"rules(\.|\[)(\d+)\]?", "rules.N", key)
     matches = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
     if not matches:  # try the last component alone (``lrr`` -> ``optimizer.lr``)
         leaf = key.rsplit(".", 1)[-1]
@@ -197,10 +213,22 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], origin: str = "overri
         key = item.split("=", 1)[0]
         if key not in known and not key.startswith("rules."):
             raise ConfigError(f"unknown key '{key}' in {origin}{_close_matches(key)}")
+        index = re.match(r"rules\.(\d+)\.", key)
+        if index and int(index.group(1)) >= len(cfg.rules):
+            raise ConfigError(f"bad key '{key}' in {origin}: the config has {len(cfg.rules)} "
+                              "rule(s); add rules with rules=[{path: ..., sparsity: {...}}]")
+    cfg = cfg.copy()
     try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except oc_errors.OmegaConfBaseException as err:
+        for item in overrides:
+            key, value = item.split("=", 1)
+            parsed = OmegaConf.from_dotlist([f"value={value}"])["value"]  # YAML-typed value
+            # update() (unlike a merge) reaches into lists: rules.0.sparsity.method=ste
+            OmegaConf.update(cfg, key, parsed, merge=True)
+    except (oc_errors.OmegaConfBaseException, IndexError) as err:
+        if isinstance(err, IndexError):
+            raise ConfigError(f"bad key '{key}' in {origin}: {err}") from None
         raise ConfigError(_describe(err, origin)) from None
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -327,7 +355,14 @@ def validate(cfg: Config) -> None:
                  f"byte-level data needs vocab_size >= 256, got {m.vocab_size}")
     for i, rule in enumerate(cfg.rules):
         try:
-            re.compile(rule.pattern)
+            re.compile(rule.path)
         except re.error as err:
-            raise ConfigError(f"bad value for 'rules.{i}.pattern': invalid regex "
-                              f"'{rule.pattern}' ({err})") from None
+            raise ConfigError(f"bad value for 'rules.{i}.path': invalid regex "
+                              f"'{rule.path}' ({err})") from None
+        sp = rule.sparsity
+        if sp is not None:
+            key = f"rules.{i}.sparsity"
+            _require(sp.method in ("sste", "ste", "sr_ste", "dense"), f"{key}.method",
+                     f"'{sp.method}' is not one of sste|ste|sr_ste|dense")
+            _require(1 <= sp.n < sp.m, f"{key}.n", f"N:M pattern {sp.n}:{sp.m} needs 1 <= n < m")
+            _require(sp.decay >= 0, f"{key}.decay", f"must be >= 0, got {sp.decay}")

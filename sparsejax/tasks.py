@@ -20,9 +20,22 @@ from sparsejax.config import Config, ModelKind
 from sparsejax.data import load_digits_data, load_token_data, unigram_entropy_bits
 from sparsejax.models import GPT, MLPClassifier
 
-__all__ = ["ClassificationTask", "LanguageModelTask", "Task", "build_task"]
+__all__ = ["ClassificationTask", "LanguageModelTask", "Task", "build_model", "build_task"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DIGITS_FEATURES = 64  # 8x8 images
+
+
+def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
+    """The model ``cfg.model`` describes, without loading any data (rules not applied)."""
+    m = cfg.model
+    if m.kind == ModelKind.gpt:
+        return GPT(vocab_size=m.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
+                   n_head=m.n_head, n_embd=m.n_embd, mlp_ratio=m.mlp_ratio,
+                   dropout_rate=m.dropout, tie_embeddings=m.tie_embeddings,
+                   dtype=_DTYPES[m.dtype], rngs=rngs)
+    return MLPClassifier(DIGITS_FEATURES, list(m.hidden), m.num_classes,
+                         dropout_rate=m.dropout, dtype=_DTYPES[m.dtype], rngs=rngs)
 
 
 class Task:
@@ -30,7 +43,11 @@ class Task:
     items_per_batch: int
     eval_metric_names: tuple[str, ...]  # the validation metrics, in display order
 
-    def build_model(self, rngs: nnx.Rngs) -> nnx.Module: ...
+    cfg: Config
+
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        return build_model(self.cfg, rngs)
+
     def train_batch(self, step: int) -> dict[str, np.ndarray]: ...
     def eval_batches(self) -> list[dict[str, np.ndarray]]: ...
 
@@ -61,13 +78,6 @@ class LanguageModelTask(Task):
         self.bits_name = "bpb" if self.data.byte_level else "bits_per_token"
         self.eval_metric_names = ("loss", self.bits_name)
         self._eval = self.data.eval_batches(cfg.train.eval_batches, d.batch_size, m.block_size)
-
-    def build_model(self, rngs: nnx.Rngs) -> GPT:
-        m = self.cfg.model
-        return GPT(vocab_size=m.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
-                   n_head=m.n_head, n_embd=m.n_embd, mlp_ratio=m.mlp_ratio,
-                   dropout_rate=m.dropout, tie_embeddings=m.tie_embeddings,
-                   dtype=_DTYPES[m.dtype], rngs=rngs)
 
     def train_batch(self, step: int) -> dict[str, np.ndarray]:
         return self.data.train_batch(self.cfg.train.seed, step, self.cfg.data.batch_size,
@@ -109,11 +119,6 @@ class ClassificationTask(Task):
         self.data = load_digits_data(cfg.data)
         self.items_per_batch = cfg.data.batch_size
         self._eval = self.data.eval_batches(cfg.train.eval_batches, cfg.data.batch_size)
-
-    def build_model(self, rngs: nnx.Rngs) -> MLPClassifier:
-        m = self.cfg.model
-        return MLPClassifier(self.data.x_train.shape[1], list(m.hidden), m.num_classes,
-                             dropout_rate=m.dropout, dtype=_DTYPES[m.dtype], rngs=rngs)
 
     def train_batch(self, step: int) -> dict[str, np.ndarray]:
         return self.data.train_batch(self.cfg.train.seed, step, self.cfg.data.batch_size)

@@ -39,12 +39,12 @@ from sparsejax.config import (
     to_flat_dict,
     to_yaml,
 )
+from sparsejax.nn import apply_rules, layer_metrics
 from sparsejax.reporting import Progress, TensorBoardWriter, format_table
-from sparsejax.rules import assign_rules
-from sparsejax.tasks import Task, build_task
+from sparsejax.tasks import Task, build_model, build_task
 
-__all__ = ["NonFiniteLossError", "RunDirError", "TrainState", "make_optimizer",
-           "make_train_step", "run"]
+__all__ = ["NonFiniteLossError", "RunDirError", "TrainState", "init_model", "load_model",
+           "make_optimizer", "make_train_step", "run"]
 
 # Keys that may change between a run and its resumption without changing what it computes.
 RESUMABLE_KEYS = ("logging.log_every", "logging.progress", "logging.tensorboard",
@@ -101,18 +101,22 @@ def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransf
         key = jax.random.fold_in(jax.random.wrap_key_data(rng), step) if use_dropout else None
 
         def loss_of(p):
-            model = nnx.merge(graphdef, p, rest)
+            # copy=True: layers may update their state (e.g. MVUE draw counters) inside the
+            # grad trace, which NNX only allows on variables created in that trace.
+            model = nnx.merge(graphdef, p, rest, copy=True)
             loss, aux = task.loss(model, batch, key)
             return loss, (aux, nnx.split(model, nnx.Param, ...)[2])
 
         (loss, (aux, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        old_params, params = params, optax.apply_updates(params, updates)
         grad_norm = optax.tree.norm(grads)
         # One flag for everything that would make a checkpoint of this state unusable.
         finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
                   & jnp.isfinite(optax.tree.norm(params)))
-        metrics = {"loss": loss, "grad_norm": grad_norm, **aux, "finite": finite}
+        metrics = {"loss": loss, "grad_norm": grad_norm, **aux, "finite": finite,
+                   **layer_metrics(nnx.merge(graphdef, old_params, rest),
+                                   nnx.merge(graphdef, params, new_rest))}
         return params, new_rest, opt_state, metrics
 
     return train_step
@@ -120,7 +124,7 @@ def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransf
 
 def make_eval_step(graphdef: nnx.GraphDef, task: Task):
     def eval_step(params, rest, batch):
-        return task.eval_sums(nnx.merge(graphdef, params, rest), batch)
+        return task.eval_sums(nnx.merge(graphdef, params, rest, copy=True), batch)
 
     return eval_step
 
@@ -131,6 +135,47 @@ def evaluate(eval_step, state: TrainState, task: Task) -> dict[str, float]:
         for k, v in jax.device_get(eval_step(state.params, state.rest, batch)).items():
             sums[k] = sums.get(k, 0.0) + float(v)
     return {k: float(v) for k, v in task.finish_eval(sums).items()}
+
+
+def init_model(cfg: Config) -> nnx.Module:
+    """The initial model of ``cfg``: built from the seed, then configured by its rules.
+    Raises :class:`ConfigError` when a rule cannot apply."""
+    model = build_model(cfg, nnx.Rngs(params=cfg.train.seed))
+    try:
+        apply_rules(model, cfg.rules)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return model
+
+
+def load_model(run_dir: str | Path, step: int | None = None) -> tuple[nnx.Module, Config, int]:
+    """Rebuild the model of a run directory from its checkpoint (latest, or ``step``).
+
+    Returns ``(model, config, step)``; the model holds the trained parameters and the
+    non-trainable state (e.g. S-STE's beta) exactly as saved.
+    """
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise RunDirError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = from_dict(OmegaConf.to_container(OmegaConf.load(config_file)))
+    model = init_model(cfg)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None or step not in ckpt.all_steps():
+            raise RunDirError(f"{run_dir}: no checkpoint at step {step} "
+                              f"(have {ckpt.all_steps()})")
+        tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
+        target = TrainState(params, rest, tx.init(params),
+                            jax.random.key_data(jax.random.key(0))).as_dict()
+        state, _ = ckpt.restore(step, target)
+    finally:
+        ckpt.close()
+    return nnx.merge(graphdef, state["params"], state["rest"]), cfg, step
 
 
 def count_params(params: nnx.State) -> int:
@@ -195,11 +240,7 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise ConfigError(f"data: {err}") from None
 
-    model = task.build_model(nnx.Rngs(params=cfg.train.seed))
-    try:
-        assign_rules(model, cfg.rules)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    model = init_model(cfg)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
     state = TrainState(params=params, rest=rest, opt_state=tx.init(params),
@@ -283,7 +324,8 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
                         f"(loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}); "
                         "stopped. Last good checkpoint: "
                         + (f"step {last_saved} in {ckpt.directory}" if last_saved else "none"))
-            last_train = {f"train/{k}": float(np.mean([m[k] for m in host]))
+            # Interval means; keys that carry their own namespace (sparsity/...) keep it.
+            last_train = {(k if "/" in k else f"train/{k}"): float(np.mean([m[k] for m in host]))
                           for k in host[0] if k != "finite"}
             train_seconds += seconds
             train_items += interval_steps * items
@@ -323,7 +365,7 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
         "resumed_from": start,
         "params": count_params(state.params),
         **{k: v for k, v in info.items()},
-        **{k.replace("/", "_"): v for k, v in last_train.items()},
+        **{k.replace("/", "_"): v for k, v in last_train.items() if k.count("/") == 1},
         **{f"val_{k}": v for k, v in val.items()},
         # Training intervals only (eval and checkpoint saves excluded).
         f"{task.item_name}_per_sec": train_items / train_seconds if train_seconds else None,

@@ -32,7 +32,10 @@ def test_yaml_and_overrides_merge_with_types():
     ("data.source=text", "'data.path'"),
     ("data.source=digits", "model.kind=gpt needs a token source"),
     ("train.steps=0", "'train.steps': must be > 0"),
-    ("rules=[{pattern: '(['}]", "'rules.0.pattern'"),
+    ("rules=[{path: '(['}]", "'rules.0.path'"),
+    ("rules=[{path: '.*', sparsity: {method: topk}}]", "'rules.0.sparsity.method'"),
+    ("rules=[{path: '.*', sparsity: {n: 4, m: 4}}]", "'rules.0.sparsity.n'"),
+    ("rules=[{path: '.*', sparsity: {nn: 4}}]", "rules"),
     ("train.steps", "expected key=value"),
 ])
 def test_bad_override_is_one_line_naming_the_key(override, needle):

@@ -10,8 +10,7 @@ from flax import nnx
 
 from sparsejax.config import RuleConfig
 from sparsejax.models import GPT, MLPClassifier
-from sparsejax.nn import Linear, dropout
-from sparsejax.rules import assign_rules, named_layers
+from sparsejax.nn import Linear, assign_rules, dropout, named_layers
 
 
 def small_gpt(**kw) -> GPT:
@@ -89,7 +88,7 @@ def test_named_layers_lists_gpt_linears_by_path():
 
 def test_first_matching_rule_wins():
     model = small_gpt()
-    rules = [RuleConfig(pattern=r"blocks/0/.*"), RuleConfig(pattern=r".*/mlp/.*")]
+    rules = [RuleConfig(path=r"blocks/0/.*"), RuleConfig(path=r".*/mlp/.*")]
     assignment = assign_rules(model, rules)
     assert assignment["blocks/0/mlp/fc"] == 0
     assert assignment["blocks/1/mlp/fc"] == 1
@@ -97,5 +96,5 @@ def test_first_matching_rule_wins():
 
 
 def test_rule_that_matches_nothing_is_an_error():
-    with pytest.raises(ValueError, match=r"rules.1.pattern 'blocks/9/.\*' matches no layer"):
+    with pytest.raises(ValueError, match=r"rules.1.path 'blocks/9/.\*' matches no layer"):
         assign_rules(small_gpt(), [RuleConfig(".*"), RuleConfig("blocks/9/.*")])

@@ -1,10 +1,17 @@
-"""Flax NNX layers that the models are built from.
+"""Flax NNX layers that the models are built from, and the path rules that configure them.
 
-Models are assembled only from these layers so that path rules (``sparsejax.rules``) can
-find every linear map by its module path and give it a transform without touching model
-code.
+Models are assembled only from these layers so that path rules can find every linear map
+by its module path and give it a transform without touching model code.
 """
 
-from sparsejax.nn.layers import Embed, LayerNorm, Linear, dropout
+from sparsejax.nn.layers import Embed, LayerNorm, Linear, SparsityState, dropout
+from sparsejax.nn.rules import (
+    apply_rules,
+    assign_rules,
+    layer_metrics,
+    named_layers,
+    sparse_layers,
+)
 
-__all__ = ["Embed", "LayerNorm", "Linear", "dropout"]
+__all__ = ["Embed", "LayerNorm", "Linear", "SparsityState", "apply_rules", "assign_rules",
+           "dropout", "layer_metrics", "named_layers", "sparse_layers"]

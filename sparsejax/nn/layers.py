@@ -10,7 +10,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["Embed", "LayerNorm", "Linear", "dropout"]
+from sparsejax.sparse_linear import nm_linear
+from sparsejax.sparsity import NMSpec, check_nm, effective_weight, sste_scale
+
+__all__ = ["Embed", "LayerNorm", "Linear", "SparsityState", "dropout"]
+
+
+class SparsityState(nnx.Variable):
+    """Non-trainable state of a sparse layer (S-STE's frozen beta, the MVUE draw counter):
+    saved in checkpoints with the rest of the model, never touched by the optimiser."""
 
 Initializer = nnx.initializers.Initializer
 DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()
@@ -21,7 +29,10 @@ class Linear(nnx.Module):
     """``y = x @ W + b`` with ``W`` of shape ``(in_features, out_features)``.
 
     Axis 0 of ``W`` is the contracting axis: N:M groups and quantisation blocks run along
-    it (see ``../shared/docs/METHODS.md``, conventions).
+    it (see ``../shared/docs/METHODS.md``, conventions). A layer is dense until
+    :meth:`set_sparsity` (called by path rules, ``sparsejax.nn.apply_rules``) gives it an
+    :class:`~sparsejax.sparsity.NMSpec`; it then multiplies by the method's effective
+    weight through :func:`~sparsejax.sparse_linear.nm_linear`.
 
     Args:
       in_features, out_features: sizes of the last axis of ``x`` and of ``y``.
@@ -40,15 +51,42 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features),
                                             jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+        self.sparsity: NMSpec | None = None
+        self.beta: SparsityState | None = nnx.data(None)
+        self.mvue_count: SparsityState | None = nnx.data(None)
+        self.mvue_seed = 0
+
+    def set_sparsity(self, spec: NMSpec, seed: int = 0) -> None:
+        """Make this layer N:M sparse. S-STE's beta is fitted to the *current* kernel and
+        frozen (METHODS.md section 1); ``seed`` keys this layer's MVUE draws."""
+        check_nm(self.kernel.shape, spec.n, spec.m, axis=0)
+        self.sparsity = spec
+        self.beta = (SparsityState(sste_scale(self.kernel[...], spec.n, spec.m, 0))
+                     if spec.method == "sste" else None)
+        self.mvue_count = SparsityState(jnp.zeros((), jnp.uint32)) if spec.mvue else None
+        self.mvue_seed = seed
 
     def effective_kernel(self) -> jax.Array:
         """The weight the matmul uses, shape ``(in, out)``."""
-        return self.kernel[...]
+        w = self.kernel[...]
+        if self.sparsity is None:
+            return w
+        beta = None if self.beta is None else self.beta[...]
+        return effective_weight(w, self.sparsity, beta, axis=0)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x``: ``(..., in_features)`` -> ``(..., out_features)``."""
         dtype = self.dtype or x.dtype
-        y = jnp.matmul(x.astype(dtype), self.effective_kernel().astype(dtype))
+        if self.sparsity is None:
+            y = jnp.matmul(x.astype(dtype), self.kernel[...].astype(dtype))
+        else:
+            key = None
+            if self.mvue_count is not None:  # a fresh key per call, resumable from state
+                count = self.mvue_count[...]
+                key = jax.random.fold_in(jax.random.key(self.mvue_seed), count)
+                self.mvue_count[...] = count + 1
+            y = nm_linear(x.astype(dtype), self.effective_kernel().astype(dtype), key,
+                          mvue=self.sparsity.mvue, fp8_sim=self.sparsity.fp8)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y

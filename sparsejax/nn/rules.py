@@ -1,0 +1,122 @@
+"""Path rules: which layer gets which transform, decided by regexes over module paths.
+
+A module path is the ``/``-joined attribute path from the model root, e.g.
+``blocks/0/mlp/fc``. A rule's ``path`` is matched with ``re.fullmatch``; like qwix, the
+first rule that matches a layer wins, and the user's model code is never edited. Rules are
+any objects with a ``path`` attribute and optional transform specs (``sparsity``), e.g. the
+config's ``RuleConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.nn.layers import Linear
+from sparsejax.sparsity import NMSpec, flip_rate, threshold_nm
+
+__all__ = ["apply_rules", "assign_rules", "layer_metrics", "named_layers", "sparse_layers"]
+
+NEAR_THRESHOLD = 1e-3  # "within 1e-3 of the threshold" (issue: what researchers watch)
+
+
+def named_layers(model: nnx.Module, types: tuple[type, ...] = (Linear,)
+                 ) -> list[tuple[str, nnx.Module]]:
+    """``[(path, layer), ...]`` for every sub-module of one of ``types`` (``nnx.iter_graph``
+    order: attributes sorted by name)."""
+    return [("/".join(str(p) for p in path), node)
+            for path, node in nnx.iter_graph(model) if isinstance(node, types)]
+
+
+def assign_rules(model: nnx.Module, rules: Sequence[Any], types: tuple[type, ...] = (Linear,)
+                 ) -> dict[str, int]:
+    """Map each layer path to the index of the first rule whose ``path`` regex matches.
+
+    Raises ``ValueError`` naming the rule and listing the layer paths when a rule matches
+    no layer (a typo in a pattern must not silently train a dense model).
+    """
+    layers = [path for path, _ in named_layers(model, types)]
+    compiled = [re.compile(rule.path) for rule in rules]
+    assignment: dict[str, int] = {}
+    for path in layers:
+        for i, pattern in enumerate(compiled):
+            if pattern.fullmatch(path):
+                assignment[path] = i
+                break
+    for i, pattern in enumerate(compiled):
+        if not any(pattern.fullmatch(path) for path in layers):
+            raise ValueError(f"rules.{i}.path '{pattern.pattern}' matches no layer; "
+                             f"layer paths are: {', '.join(layers)}")
+    return assignment
+
+
+def _spec(sparsity: Any) -> NMSpec:
+    fields = {f.name for f in dataclasses.fields(NMSpec)}
+    values = sparsity if isinstance(sparsity, dict) else vars(sparsity)
+    return NMSpec(**{k: v for k, v in values.items() if k in fields})
+
+
+def apply_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
+    """Configure, in place, every layer the rules select; returns ``{path: rule index}``.
+
+    A rule's ``sparsity`` (an object or dict with the fields of ``NMSpec``) makes the
+    matched ``Linear`` layers N:M sparse. Errors name the rule and the layer.
+    """
+    assignment = assign_rules(model, rules)
+    layers = dict(named_layers(model))
+    for path, index in assignment.items():
+        sparsity = getattr(rules[index], "sparsity", None)
+        if sparsity is None:
+            continue
+        try:
+            layers[path].set_sparsity(_spec(sparsity), seed=zlib.crc32(path.encode()))
+        except ValueError as err:
+            raise ValueError(f"rules.{index} on layer {path}: {err}") from None
+    return assignment
+
+
+def sparse_layers(model: nnx.Module) -> list[tuple[str, Linear]]:
+    return [(p, m) for p, m in named_layers(model)
+            if m.sparsity is not None and m.sparsity.method != "dense"]
+
+
+def layer_metrics(before: nnx.Module, after: nnx.Module) -> dict[str, jax.Array]:
+    """What researchers watch in N:M training, per sparse layer and in aggregate, between
+    the model before and after one optimiser step:
+
+    * ``sparsity``: fraction of zeros in the effective weight (realised sparsity);
+    * ``flip_rate``: fraction of mask entries that changed in this step;
+    * ``near_threshold``: fraction of weights whose magnitude lies within 1e-3 of their
+      group's threshold tau, not counting the pruned entry that defines tau;
+    * ``beta``: S-STE's frozen scale.
+
+    Keys: ``sparsity/<path>/<metric>`` and the size-weighted ``sparsity/<metric>``.
+    """
+    old = dict(sparse_layers(before))
+    out: dict[str, jax.Array] = {}
+    totals: dict[str, list[tuple[jax.Array, int]]] = {}
+    for path, layer in sparse_layers(after):
+        spec, w = layer.sparsity, layer.kernel[...]
+        tau = threshold_nm(w, spec.n, spec.m, 0)
+        near = jnp.sum(jnp.abs(jnp.abs(w) - tau) < NEAR_THRESHOLD) - w.size // spec.m
+        stats = {
+            "sparsity": jnp.mean(layer.effective_kernel() == 0),
+            "flip_rate": flip_rate(old[path].kernel[...], w, spec.n, spec.m, 0),
+            "near_threshold": near / w.size,
+        }
+        if layer.beta is not None:
+            out[f"sparsity/{path}/beta"] = layer.beta[...]
+        for name, value in stats.items():
+            out[f"sparsity/{path}/{name}"] = value
+            totals.setdefault(name, []).append((value, w.size))
+    for name, values in totals.items():
+        size = sum(n for _, n in values)
+        out[f"sparsity/{name}"] = sum(v * (n / size) for v, n in values)
+    return out

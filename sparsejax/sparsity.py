@@ -1,0 +1,247 @@
+"""N:M sparsity transforms: masks, S-STE's continuous pruning, STE / SR-STE, and MVUE.
+
+Pure functions of arrays (jit / vmap / grad safe, any float dtype). ``axis`` is the
+contracting (input) axis of the matmul that consumes the tensor - axis 0 of a Flax
+``(in, out)`` kernel - and a *group* is ``m`` consecutive entries along it.
+Formulas: ``../shared/docs/METHODS.md`` sections 1-2 (S-STE, Hu, Zhu, Chen, NeurIPS 2024;
+SR-STE, Zhou et al., ICLR 2021; MVUE, Chmiel et al., ICLR 2023).
+
+All of this is *simulated* sparsity: the effective weight is a dense array with zeros, so
+it saves no FLOPs or memory by itself; the packed 2:4 kernel (``sparsejax.kernels``) is
+where savings come from.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "METHODS",
+    "NMSpec",
+    "check_nm",
+    "effective_weight",
+    "flip_rate",
+    "mvue24",
+    "nm_mask",
+    "soft_threshold",
+    "sr_ste",
+    "sste",
+    "sste_scale",
+    "ste",
+    "threshold_nm",
+]
+
+METHODS = ("dense", "ste", "sr_ste", "sste")
+
+
+@dataclass(frozen=True)
+class NMSpec:
+    """How one linear layer is sparsified (hashable: it is static model metadata).
+
+    method: ``dense`` | ``ste`` | ``sr_ste`` | ``sste``; ``n`` of every ``m`` kept along the
+    contracting axis; ``mvue``: sparsify the output gradient 2:4 along tokens for the weight
+    gradient; ``fp8``: simulate FP8 operands; ``decay``: SR-STE's lambda_W.
+    """
+
+    method: str = "sste"
+    n: int = 2
+    m: int = 4
+    mvue: bool = False
+    fp8: bool = False
+    decay: float = 2e-4
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"sparsity method '{self.method}' is not one of {'|'.join(METHODS)}")
+        if not 1 <= self.n < self.m:
+            raise ValueError(f"N:M pattern {self.n}:{self.m} needs 1 <= n < m")
+        if self.decay < 0:
+            raise ValueError(f"SR-STE decay must be >= 0, got {self.decay}")
+
+
+def check_nm(shape: tuple[int, ...], n: int, m: int, axis: int) -> int:
+    """Validate an N:M pattern against ``shape``; returns the normalised axis."""
+    if not 1 <= n < m:
+        raise ValueError(f"N:M pattern {n}:{m} needs 1 <= n < m (shape {tuple(shape)})")
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"axis {axis} out of range for shape {tuple(shape)}")
+    axis %= len(shape)
+    if shape[axis] % m:
+        raise ValueError(f"shape {tuple(shape)}: axis {axis} of size {shape[axis]} is not "
+                         f"divisible by m={m} for the {n}:{m} pattern")
+    return axis
+
+
+def _grouped(x: jax.Array, m: int, axis: int) -> jax.Array:
+    """``x`` with ``axis`` moved last and split into groups: ``(..., K // m, m)``."""
+    moved = jnp.moveaxis(x, axis, -1)
+    return moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+
+
+def _ungrouped(g: jax.Array, axis: int) -> jax.Array:
+    return jnp.moveaxis(g.reshape(*g.shape[:-2], -1), -1, axis)
+
+
+def _group_mask(mag: jax.Array, n: int) -> jax.Array:
+    """Top-``n`` of each last-axis group of magnitudes ``(..., m)``; ties go to the lower
+    index. The rank of entry i counts entries j that beat it: larger magnitude, or equal
+    magnitude at a lower index."""
+    m = mag.shape[-1]
+    a, b = mag[..., :, None], mag[..., None, :]  # (..., i, j)
+    lower = jnp.arange(m)[None, :] < jnp.arange(m)[:, None]  # j < i
+    beats = (b > a) | ((b == a) & lower)
+    return beats.sum(-1) < n
+
+
+def nm_mask(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0) -> jax.Array:
+    """Boolean mask of the ``n`` largest magnitudes in each group of ``m`` along ``axis``.
+
+    Shape and layout of ``w``; exactly ``n`` True per group (ties to the lower index).
+    """
+    axis = check_nm(w.shape, n, m, axis)
+    mag = jnp.abs(jax.lax.stop_gradient(w))
+    return _ungrouped(_group_mask(_grouped(mag, m, axis), n), axis)
+
+
+def threshold_nm(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0) -> jax.Array:
+    """S-STE's tau per group: the largest *pruned* magnitude (the (m-n)-th smallest),
+    broadcast back to the shape of ``w``."""
+    axis = check_nm(w.shape, n, m, axis)
+    mag = _grouped(jnp.abs(w), m, axis)
+    keep = _group_mask(jax.lax.stop_gradient(mag), n)
+    tau = jnp.max(jnp.where(keep, jnp.zeros_like(mag), mag), axis=-1, keepdims=True)
+    return _ungrouped(jnp.broadcast_to(tau, mag.shape), axis)
+
+
+def soft_threshold(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0) -> jax.Array:
+    """S(w) of S-STE: ``sign(w) * max(|w| - tau, 0)`` per group (METHODS.md section 1).
+
+    The top-n entries survive shrunk by tau, the rest are exactly 0 (exactly n non-zeros
+    per group when magnitudes are distinct). Continuous in ``w``.
+    """
+    tau = threshold_nm(w, n, m, axis)
+    return jnp.sign(w) * jnp.maximum(jnp.abs(w) - tau, 0).astype(w.dtype)
+
+
+def sste_scale(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0) -> jax.Array:
+    """beta = <W, S(W)> / <S(W), S(W)>: the least-squares fit of S(W) to W (float32 scalar).
+    S-STE computes it once at initialisation and freezes it."""
+    w32 = w.astype(jnp.float32)
+    s = soft_threshold(w32, n, m, axis)
+    return jnp.vdot(w32, s) / jnp.maximum(jnp.vdot(s, s), jnp.finfo(jnp.float32).tiny)
+
+
+# ----------------------------------------------------------------- straight-through forms
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def sste(w: jax.Array, beta: jax.Array, n: int = 2, m: int = 4, axis: int = 0) -> jax.Array:
+    """``beta * S(w)`` forward; straight-through (identity) gradient to ``w``, none to
+    beta (frozen; METHODS.md: beta is not applied to the gradient)."""
+    return (beta * soft_threshold(w, n, m, axis)).astype(w.dtype)
+
+
+def _sste_fwd(w, beta, n, m, axis):
+    return sste(w, beta, n, m, axis), jnp.zeros_like(beta)
+
+
+def _sste_bwd(n, m, axis, zero_beta, g):
+    return g, zero_beta
+
+
+sste.defvjp(_sste_fwd, _sste_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def ste(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0) -> jax.Array:
+    """Hard N:M mask forward (``E * w``), identity gradient to the dense ``w``."""
+    return jnp.where(nm_mask(w, n, m, axis), w, jnp.zeros_like(w))
+
+
+ste.defvjp(lambda w, n, m, axis: (ste(w, n, m, axis), None),
+           lambda n, m, axis, _, g: (g,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def sr_ste(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0, decay: float = 2e-4
+           ) -> jax.Array:
+    """SR-STE: hard mask forward; gradient ``g + decay * (1 - E) * w`` (decay on pruned
+    weights only; Zhou et al. 2021, reference lambda_W = 2e-4)."""
+    return jnp.where(nm_mask(w, n, m, axis), w, jnp.zeros_like(w))
+
+
+def _sr_ste_fwd(w, n, m, axis, decay):
+    mask = nm_mask(w, n, m, axis)
+    return jnp.where(mask, w, jnp.zeros_like(w)), (w, mask)
+
+
+def _sr_ste_bwd(n, m, axis, decay, res, g):
+    w, mask = res
+    return (g + jnp.where(mask, jnp.zeros_like(w), decay * w).astype(g.dtype),)
+
+
+sr_ste.defvjp(_sr_ste_fwd, _sr_ste_bwd)
+
+
+def effective_weight(w: jax.Array, spec: NMSpec, beta: jax.Array | None = None,
+                     axis: int = 0) -> jax.Array:
+    """The weight a sparse layer multiplies by, with its method's gradient."""
+    if spec.method == "dense":
+        return w
+    if spec.method == "ste":
+        return ste(w, spec.n, spec.m, axis)
+    if spec.method == "sr_ste":
+        return sr_ste(w, spec.n, spec.m, axis, spec.decay)
+    if beta is None:
+        raise ValueError("S-STE needs its frozen scale beta (see sste_scale)")
+    return sste(w, beta, spec.n, spec.m, axis)
+
+
+def flip_rate(before: jax.Array, after: jax.Array, n: int = 2, m: int = 4, axis: int = 0
+              ) -> jax.Array:
+    """Fraction of mask entries that differ between the N:M masks of two weights."""
+    return jnp.mean(nm_mask(before, n, m, axis) != nm_mask(after, n, m, axis))
+
+
+# ----------------------------------------------------------------- MVUE
+
+
+def mvue24(g: jax.Array, key: jax.Array, axis: int = 0, eps: float = 1e-12) -> jax.Array:
+    """Unbiased 2:4 estimator of ``g`` along ``axis`` (METHODS.md section 1; Chmiel et al.).
+
+    Per group of 4 with ``a_i = |g_i| + eps`` and ``S = sum a``: the first kept index is
+    drawn with probability ``a_i / S``, the second from the other three proportionally to
+    ``a``. Kept entries are divided by their inclusion probability
+    ``p_i = a_i/S + sum_{j != i} (a_j/S) a_i / (S - a_j)``, so ``E[out] = g``; exactly two
+    entries per group are kept (the others are 0). Computed in float32, returned in the
+    dtype of ``g``.
+    """
+    axis = check_nm(g.shape, 2, 4, axis)
+    x = _grouped(g, 4, axis).astype(jnp.float32)
+    a = jnp.abs(x) + eps
+    total = a.sum(-1, keepdims=True)
+    u1, u2 = jax.random.uniform(key, (2, *x.shape[:-1], 1), jnp.float32)
+    first = _sample_index(a, u1 * total)
+    a_rest = jnp.where(jax.nn.one_hot(first, 4, dtype=bool), 0.0, a)
+    second = _sample_index(a_rest, u2 * a_rest.sum(-1, keepdims=True))
+    kept = jax.nn.one_hot(first, 4, dtype=bool) | jax.nn.one_hot(second, 4, dtype=bool)
+    pj = a / total  # probability that j is drawn first
+    # p_i = a_i/S + a_i * sum_{j != i} pj / (S - a_j)
+    ratio = pj / jnp.maximum(total - a, eps)
+    p = pj + a * (ratio.sum(-1, keepdims=True) - ratio)
+    out = jnp.where(kept, x / p, 0.0)
+    return _ungrouped(out, axis).astype(g.dtype)
+
+
+def _sample_index(weights: jax.Array, target: jax.Array) -> jax.Array:
+    """Index i such that cumsum(weights)[i-1] <= target < cumsum(weights)[i], skipping
+    zero weights; shape ``(...)`` for weights ``(..., 4)`` and target ``(..., 1)``."""
+    cdf = jnp.cumsum(weights, axis=-1)
+    idx = jnp.sum(cdf <= target, axis=-1)
+    # Round-off can put target at the very top: fall back to the last positive weight.
+    last_positive = weights.shape[-1] - 1 - jnp.argmax((weights > 0)[..., ::-1], axis=-1)
+    return jnp.minimum(idx, last_positive)
