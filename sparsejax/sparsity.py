@@ -219,29 +219,39 @@ def mvue24(g: jax.Array, key: jax.Array, axis: int = 0, eps: float = 1e-12) -> j
     ``p_i = a_i/S + sum_{j != i} (a_j/S) a_i / (S - a_j)``, so ``E[out] = g``; exactly two
     entries per group are kept (the others are 0). Computed in float32, returned in the
     dtype of ``g``.
+
+    Layout: the four members of a group are handled as four ``(groups, rest)`` slices so
+    that every operation is a wide elementwise one (no size-4 minor axis, no transposes when
+    ``axis`` is the leading axis, as for dZ along tokens).
     """
     axis = check_nm(g.shape, 2, 4, axis)
-    x = _grouped(g, 4, axis).astype(jnp.float32)
-    a = jnp.abs(x) + eps
-    total = a.sum(-1, keepdims=True)
-    u1, u2 = jax.random.uniform(key, (2, *x.shape[:-1], 1), jnp.float32)
-    first = _sample_index(a, u1 * total)
-    a_rest = jnp.where(jax.nn.one_hot(first, 4, dtype=bool), 0.0, a)
-    second = _sample_index(a_rest, u2 * a_rest.sum(-1, keepdims=True))
-    kept = jax.nn.one_hot(first, 4, dtype=bool) | jax.nn.one_hot(second, 4, dtype=bool)
-    pj = a / total  # probability that j is drawn first
-    # p_i = a_i/S + a_i * sum_{j != i} pj / (S - a_j)
-    ratio = pj / jnp.maximum(total - a, eps)
-    p = pj + a * (ratio.sum(-1, keepdims=True) - ratio)
-    out = jnp.where(kept, x / p, 0.0)
-    return _ungrouped(out, axis).astype(g.dtype)
+    moved = jnp.moveaxis(g, axis, 0)
+    x = moved.reshape(moved.shape[0] // 4, 4, -1).astype(jnp.float32)
+    xs = [x[:, k] for k in range(4)]  # four (G, R) slices
+    a = [jnp.abs(v) + eps for v in xs]
+    total = a[0] + a[1] + a[2] + a[3]
+    u1, u2 = jax.random.uniform(key, (2, *total.shape), jnp.float32)
 
+    def draw(weights, target):
+        # index i with cdf[i-1] <= target < cdf[i]; zero weights are skipped because their
+        # cdf step is empty (>= passes them)
+        c0 = weights[0]
+        c1 = c0 + weights[1]
+        c2 = c1 + weights[2]
+        return ((target >= c0).astype(jnp.int32) + (target >= c1) + (target >= c2))
 
-def _sample_index(weights: jax.Array, target: jax.Array) -> jax.Array:
-    """Index i such that cumsum(weights)[i-1] <= target < cumsum(weights)[i], skipping
-    zero weights; shape ``(...)`` for weights ``(..., 4)`` and target ``(..., 1)``."""
-    cdf = jnp.cumsum(weights, axis=-1)
-    idx = jnp.sum(cdf <= target, axis=-1)
-    # Round-off can put target at the very top: fall back to the last positive weight.
-    last_positive = weights.shape[-1] - 1 - jnp.argmax((weights > 0)[..., ::-1], axis=-1)
-    return jnp.minimum(idx, last_positive)
+    first = draw(a, u1 * total)
+    rest = [jnp.where(first == k, 0.0, a[k]) for k in range(4)]
+    second = draw(rest, u2 * (total - sum(jnp.where(first == k, a[k], 0.0) for k in range(4))))
+    # Round-off can push the target to the very top onto the emptied last entry.
+    second = jnp.where(second == first, 2, second)
+    pj = [ak / total for ak in a]  # probability that j is drawn first
+    r = [pj[k] / jnp.maximum(total - a[k], eps) for k in range(4)]
+    r_sum = r[0] + r[1] + r[2] + r[3]
+    out = []
+    for k in range(4):
+        p = pj[k] + a[k] * (r_sum - r[k])
+        kept = (first == k) | (second == k)
+        out.append(jnp.where(kept, xs[k] / p, 0.0))
+    result = jnp.stack(out, axis=1).reshape(moved.shape)
+    return jnp.moveaxis(result, 0, axis).astype(g.dtype)

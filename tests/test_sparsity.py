@@ -271,3 +271,15 @@ def test_nm_linear_fp8_simulation_is_close_to_full_precision():
     y = nm_linear(x, w, fp8_sim=True)
     rel = float(jnp.linalg.norm(y - x @ w) / jnp.linalg.norm(x @ w))
     assert 1e-4 < rel < 0.08
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mvue_along_a_minor_axis_keeps_two_and_preserves_dtype(dtype):
+    g = rand((3, 8, 5), dtype, 21)
+    out = mvue24(g, jax.random.key(22), axis=1)
+    assert out.dtype == dtype and out.shape == g.shape
+    nz = (np.asarray(out, np.float32) != 0).reshape(3, 2, 4, 5).sum(2)
+    np.testing.assert_array_equal(nz, 2)
+    same = np.asarray(out, np.float32) != 0
+    assert np.all(np.sign(np.asarray(out, np.float32))[same]
+                  == np.sign(np.asarray(g, np.float32))[same])
