@@ -309,8 +309,8 @@ def _require(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks OmegaConf's types cannot express. Raises :class:`ConfigError`."""
     m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
-    _require(bool(re.fullmatch(r"[\w.\-=,/]+", cfg.name)), "name",
-             f"'{cfg.name}' must be letters, digits and . _ - = , / only")
+    _require(bool(re.fullmatch(r"[\w.\-=,/+]+", cfg.name)), "name",
+             f"'{cfg.name}' must be letters, digits and . _ - = , / + only")
     for key, value in [("model.block_size", m.block_size), ("model.n_layer", m.n_layer),
                        ("model.n_head", m.n_head), ("model.n_embd", m.n_embd),
                        ("model.vocab_size", m.vocab_size), ("model.mlp_ratio", m.mlp_ratio),

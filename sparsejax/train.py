@@ -251,12 +251,14 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
     start = ckpt.latest_step() or 0
+    prior_seconds = 0.0  # step-loop time of earlier sessions of this run
     if start:
         restored, meta = ckpt.restore(start, state.as_dict())
         state = TrainState(**restored)
         if meta["data_position"] != start:
             raise RunDirError(f"checkpoint {start} records data position "
                               f"{meta['data_position']}; the checkpoint is inconsistent")
+        prior_seconds = float(meta.get("loop_seconds", 0.0))
     total = cfg.train.steps
     mode = cfg.logging.progress if verbose else "none"
     progress = Progress(total, start, mode=mode)
@@ -265,7 +267,8 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
 
     writer = None
     if cfg.logging.tensorboard:
-        writer = TensorBoardWriter(run_dir, purge_step=start + 1 if start else None)
+        # A restarted run hides the events its predecessor wrote after the checkpoint.
+        writer = TensorBoardWriter(run_dir, purge_step=start + 1 if resuming else None)
         if not start:
             writer.text("config", to_yaml(cfg))
             writer.hparams_start(to_flat_dict(cfg),
@@ -296,7 +299,8 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
         nonlocal last_saved
         ckpt.save(step, state.as_dict(),
                   {"step": step, "data_position": step, "seed": cfg.train.seed,
-                   "items_seen": step * items})
+                   "items_seen": step * items,
+                   "loop_seconds": prior_seconds + time.perf_counter() - loop_start})
         last_saved = step
 
     loop_start = time.perf_counter()
@@ -348,9 +352,9 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
         if last_saved != total:
             save(total)
         jax.block_until_ready(state.params)
-        loop_seconds = time.perf_counter() - loop_start
+        loop_seconds = prior_seconds + time.perf_counter() - loop_start
         val = evaluate(eval_step, state, task)
-        if writer is not None:
+        if writer is not None and start < total:  # a finished run re-evaluated logs nothing
             writer.scalars(total, {f"val/{k}": v for k, v in val.items()})
             writer.hparams_end()
     finally:
@@ -369,7 +373,8 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
         **{f"val_{k}": v for k, v in val.items()},
         # Training intervals only (eval and checkpoint saves excluded).
         f"{task.item_name}_per_sec": train_items / train_seconds if train_seconds else None,
-        # The whole step loop: logging, TensorBoard, in-loop eval and checkpointing included.
+        # The whole step loop over all sessions of the run (restarts lose only the time
+        # since their last checkpoint): logging, TensorBoard, eval and checkpoints included.
         "loop_seconds": loop_seconds,
         "compile_seconds": compile_seconds,
     }
