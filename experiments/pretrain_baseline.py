@@ -11,17 +11,19 @@ Runs live in ``runs/pretrain_baseline/<config>``; re-running reuses finished run
 from __future__ import annotations
 
 import argparse
-import csv
+import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from sparsejax.config import load_config  # noqa: E402
 from sparsejax.train import run  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import scalar_events, write_csv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["configs/gpt_tiny.yaml", "configs/gpt_shakespeare.yaml",
@@ -29,9 +31,7 @@ DEFAULT_CONFIGS = ["configs/gpt_tiny.yaml", "configs/gpt_shakespeare.yaml",
 
 
 def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return {tag: [(e.step, e.value) for e in evs] for tag, evs in scalar_events(run_dir).items()}
 
 
 def main() -> None:
@@ -63,10 +63,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "results.csv", rows)
     lines = ["# Dense baselines of the shipped configs", "",
              "Command: `" + " ".join(
                  ["python experiments/pretrain_baseline.py",

@@ -16,18 +16,20 @@ gap to dense than SR-STE, and SR-STE more than STE. Sparsity here is simulated.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
+import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from sparsejax.config import load_config  # noqa: E402
 from sparsejax.train import run  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import scalar_events, write_csv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -42,9 +44,7 @@ METHODS = {
 
 
 def events(run_dir: Path, tag: str) -> list:
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return acc.Scalars(tag) if tag in acc.Tags()["scalars"] else []
+    return scalar_events(run_dir).get(tag, [])
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -103,10 +103,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "results.csv", rows)
 
     def mean(method, key):
         values = [r[key] for r in rows if r["method"] == method and r[key] is not None]

@@ -38,6 +38,12 @@ def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
                          dropout_rate=m.dropout, dtype=_DTYPES[m.dtype], rngs=rngs)
 
 
+def _cross_entropy(model, batch, dropout_key) -> tuple[jax.Array, jax.Array]:
+    """``(logits, mean cross-entropy)`` of ``model(batch['x'])`` against ``batch['y']``."""
+    logits = model(batch["x"], dropout_key=dropout_key)
+    return logits, optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+
 class Task:
     item_name: str  # what throughput counts: "tokens" or "samples"
     items_per_batch: int
@@ -49,7 +55,10 @@ class Task:
         return build_model(self.cfg, rngs)
 
     def train_batch(self, step: int) -> dict[str, np.ndarray]: ...
-    def eval_batches(self) -> list[dict[str, np.ndarray]]: ...
+
+    def eval_batches(self) -> list[dict[str, np.ndarray]]:
+        """The fixed validation batches (built once in the constructor)."""
+        return self._eval
 
     @staticmethod
     def loss(model: nnx.Module, batch: dict[str, jax.Array], dropout_key: jax.Array | None
@@ -83,14 +92,9 @@ class LanguageModelTask(Task):
         return self.data.train_batch(self.cfg.train.seed, step, self.cfg.data.batch_size,
                                      self.cfg.model.block_size)
 
-    def eval_batches(self) -> list[dict[str, np.ndarray]]:
-        return self._eval
-
     @staticmethod
     def loss(model, batch, dropout_key):
-        logits = model(batch["x"], dropout_key=dropout_key)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-        return loss, {}
+        return _cross_entropy(model, batch, dropout_key)[1], {}
 
     @staticmethod
     def eval_sums(model, batch):
@@ -123,13 +127,9 @@ class ClassificationTask(Task):
     def train_batch(self, step: int) -> dict[str, np.ndarray]:
         return self.data.train_batch(self.cfg.train.seed, step, self.cfg.data.batch_size)
 
-    def eval_batches(self) -> list[dict[str, np.ndarray]]:
-        return self._eval
-
     @staticmethod
     def loss(model, batch, dropout_key):
-        logits = model(batch["x"], dropout_key=dropout_key)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+        logits, loss = _cross_entropy(model, batch, dropout_key)
         accuracy = (logits.argmax(-1) == batch["y"]).mean()
         return loss, {"accuracy": accuracy}
 
