@@ -25,6 +25,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
+from sparsejax.sparsity import METHODS as SPARSITY_METHODS
+
 __all__ = [
     "CheckpointConfig",
     "Config",
@@ -129,7 +131,7 @@ class CheckpointConfig:
 class SparsityConfig:
     """N:M sparsity of the matched linear layers (METHODS.md sections 1-2)."""
 
-    method: str = "sste"  # sste | ste | sr_ste | dense
+    method: str = "sste"  # one of sparsejax.sparsity.METHODS: dense | ste | sr_ste | sste
     n: int = 2
     m: int = 4
     mvue: bool = False  # 2:4 MVUE of dZ for the weight gradient (S-STE's backward)
@@ -362,7 +364,7 @@ def validate(cfg: Config) -> None:
         sp = rule.sparsity
         if sp is not None:
             key = f"rules.{i}.sparsity"
-            _require(sp.method in ("sste", "ste", "sr_ste", "dense"), f"{key}.method",
-                     f"'{sp.method}' is not one of sste|ste|sr_ste|dense")
+            _require(sp.method in SPARSITY_METHODS, f"{key}.method",
+                     f"'{sp.method}' is not one of {'|'.join(SPARSITY_METHODS)}")
             _require(1 <= sp.n < sp.m, f"{key}.n", f"N:M pattern {sp.n}:{sp.m} needs 1 <= n < m")
             _require(sp.decay >= 0, f"{key}.decay", f"must be >= 0, got {sp.decay}")
