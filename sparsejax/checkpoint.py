@@ -48,11 +48,6 @@ class Checkpointer:
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return restored.state, dict(restored.meta)
 
-    def restore_meta(self, step: int) -> dict[str, Any]:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))
-        return dict(restored.meta)
-
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

@@ -156,10 +156,15 @@ def _sste_bwd(n, m, axis, zero_beta, g):
 sste.defvjp(_sste_fwd, _sste_bwd)
 
 
+def _hard_prune(w: jax.Array, mask: jax.Array) -> jax.Array:
+    """``E * w``: the entries of ``w`` outside the mask set to exactly 0."""
+    return jnp.where(mask, w, jnp.zeros_like(w))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def ste(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0) -> jax.Array:
     """Hard N:M mask forward (``E * w``), identity gradient to the dense ``w``."""
-    return jnp.where(nm_mask(w, n, m, axis), w, jnp.zeros_like(w))
+    return _hard_prune(w, nm_mask(w, n, m, axis))
 
 
 ste.defvjp(lambda w, n, m, axis: (ste(w, n, m, axis), None),
@@ -171,12 +176,12 @@ def sr_ste(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0, decay: float = 2
            ) -> jax.Array:
     """SR-STE: hard mask forward; gradient ``g + decay * (1 - E) * w`` (decay on pruned
     weights only; Zhou et al. 2021, reference lambda_W = 2e-4)."""
-    return jnp.where(nm_mask(w, n, m, axis), w, jnp.zeros_like(w))
+    return _hard_prune(w, nm_mask(w, n, m, axis))
 
 
 def _sr_ste_fwd(w, n, m, axis, decay):
     mask = nm_mask(w, n, m, axis)
-    return jnp.where(mask, w, jnp.zeros_like(w)), (w, mask)
+    return _hard_prune(w, mask), (w, mask)
 
 
 def _sr_ste_bwd(n, m, axis, decay, res, g):

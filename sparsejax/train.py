@@ -154,13 +154,11 @@ def load_model(run_dir: str | Path, step: int | None = None) -> tuple[nnx.Module
     Returns ``(model, config, step)``; the model holds the trained parameters and the
     non-trainable state (e.g. S-STE's beta) exactly as saved.
     """
-    from omegaconf import OmegaConf
-
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise RunDirError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = from_dict(OmegaConf.to_container(OmegaConf.load(config_file)))
+    cfg = read_saved_config(config_file)
     model = init_model(cfg)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
@@ -185,6 +183,13 @@ def count_params(params: nnx.State) -> int:
 # --------------------------------------------------------------------------- run directory
 
 
+def read_saved_config(config_file: Path) -> Config:
+    """The resolved config a run wrote to ``config.yaml``; raises :class:`ConfigError`."""
+    from omegaconf import OmegaConf
+
+    return from_dict(OmegaConf.to_container(OmegaConf.load(config_file)))
+
+
 def resolve_run_dir(cfg: Config) -> Path:
     return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name
 
@@ -194,10 +199,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
     run to resume. Writes nothing; raises :class:`RunDirError`."""
     config_file = run_dir / "config.yaml"
     if config_file.is_file():
-        from omegaconf import OmegaConf
-
         try:
-            saved = from_dict(OmegaConf.to_container(OmegaConf.load(config_file)))
+            saved = read_saved_config(config_file)
         except ConfigError as err:
             raise RunDirError(f"{config_file} is not a valid sparsejax config ({err}); "
                               "use another run_dir") from None
@@ -384,6 +387,3 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
                            title=f"results: {cfg.name}"), flush=True)
     return results
 
-
-def load_results(run_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / "results.json").read_text())
