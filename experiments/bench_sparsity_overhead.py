@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import jax
-import numpy as np
-from flax import nnx
 
-from sparsejax.config import load_config
-from sparsejax.tasks import build_task
-from sparsejax.train import init_model, make_optimizer, make_train_step
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import time_variants  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FFN = "blocks/\\d+/mlp/(fc|proj)"
@@ -38,30 +35,6 @@ VARIANTS = {
 }
 
 
-def compiled_step(config: str, overrides: list[str]):
-    cfg = load_config(config, overrides)
-    task = build_task(cfg)
-    graphdef, params, rest = nnx.split(init_model(cfg), nnx.Param, ...)
-    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
-    state = [params, rest, tx.init(params), jax.random.key_data(jax.random.key(0))]
-    step = jax.jit(make_train_step(graphdef, task, tx, use_dropout=False))
-    batches = [task.train_batch(i) for i in range(8)]
-    compiled = step.lower(*state, batches[0], np.int32(0)).compile()
-    return compiled, state, batches
-
-
-def time_steps(entry, steps: int) -> float:
-    compiled, state, batches = entry
-    params, rest, opt_state, rng = state
-    start = time.perf_counter()
-    for i in range(steps):
-        params, rest, opt_state, metrics = compiled(params, rest, opt_state, rng,
-                                                    batches[i % len(batches)], np.int32(i))
-    jax.block_until_ready((params, metrics))
-    entry[1][:] = [params, rest, opt_state, rng]
-    return (time.perf_counter() - start) / steps
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default=str(REPO / "configs" / "gpt_tiny.yaml"))
@@ -70,18 +43,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "experiments/results/bench_sparsity_overhead"))
     args = parser.parse_args()
 
-    entries = {name: compiled_step(args.config, ov) for name, ov in VARIANTS.items()}
-    for entry in entries.values():
-        time_steps(entry, 2)  # warm caches
-    times: dict[str, list[float]] = {name: [] for name in entries}
-    for r in range(args.rounds):
-        for name, entry in entries.items():
-            times[name].append(time_steps(entry, args.steps))
-        ratios = "  ".join(f"{n} {times[n][-1] / times['dense'][-1]:.3f}" for n in entries)
-        print(f"round {r}: {ratios}", flush=True)
-
-    ratio = {n: statistics.median(t / d for t, d in zip(times[n], times["dense"], strict=True))
-             for n in entries}
+    times, ratio = time_variants(args.config, VARIANTS, args.steps, args.rounds)
+    entries = VARIANTS
     targets = {"sste": 1.10, "sste+mvue": 1.25}
     lines = ["# N:M sparse training step time over dense (simulated sparsity)", "",
              f"Command: `python experiments/bench_sparsity_overhead.py --steps {args.steps} "

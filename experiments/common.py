@@ -1,12 +1,22 @@
-"""Helpers shared by the experiment scripts: reading TensorBoard scalars, writing CSV."""
+"""Helpers shared by the experiment scripts: reading TensorBoard scalars, writing CSV, and
+timing compiled trainer steps side by side."""
 
 from __future__ import annotations
 
 import csv
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
+from flax import nnx
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from sparsejax.config import load_config
+from sparsejax.tasks import build_task
+from sparsejax.train import init_model, make_optimizer, make_train_step
 
 
 def scalar_events(run_dir: str | Path) -> dict[str, list]:
@@ -16,8 +26,82 @@ def scalar_events(run_dir: str | Path) -> dict[str, list]:
     return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
 
 
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def text_data(path: str | None) -> tuple[str | None, list[str]]:
+    """The experiments' corpus: ``path``, else tinyshakespeare from ../shared/data when
+    present, else None (the built-in stdlib corpus). Returns it and its config overrides."""
+    data = path or (str(SHAKESPEARE) if SHAKESPEARE.is_file() else None)
+    return data, (["data.source=text", f"data.path={data}"] if data else [])
+
+
+def events(run_dir: Path, tag: str) -> list:
+    return scalar_events(run_dir).get(tag, [])
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    return [(e.step, e.value) for e in events(run_dir, tag)]
+
+
+def training_wall_seconds(run_dir: Path, steps: int) -> float:
+    """Wall time of the training loop, from the TensorBoard event times of train/loss
+    (extrapolated over the first logging interval; in-loop evaluation included). Read from
+    the events so that a finished run that is reused still reports its training time."""
+    loss = events(run_dir, "train/loss")
+    first, last = loss[0], loss[-1]
+    return (last.wall_time - first.wall_time) * steps / max(last.step - first.step, 1)
+
+
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def compiled_step(config: str, overrides: list[str]):
+    """The trainer's full step for ``config`` + ``overrides``, compiled ahead, with its
+    initial state and 8 training batches: ``[compiled, state, batches]``."""
+    cfg = load_config(config, overrides)
+    task = build_task(cfg)
+    graphdef, params, rest = nnx.split(init_model(cfg), nnx.Param, ...)
+    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
+    state = [params, rest, tx.init(params), jax.random.key_data(jax.random.key(0))]
+    step = jax.jit(make_train_step(graphdef, task, tx, use_dropout=False))
+    batches = [task.train_batch(i) for i in range(8)]
+    compiled = step.lower(*state, batches[0], np.int32(0)).compile()
+    return compiled, state, batches
+
+
+def time_steps(entry, steps: int) -> float:
+    """Seconds per step of ``steps`` steps of a :func:`compiled_step` entry (state carried)."""
+    compiled, state, batches = entry
+    params, rest, opt_state, rng = state
+    start = time.perf_counter()
+    for i in range(steps):
+        params, rest, opt_state, metrics = compiled(params, rest, opt_state, rng,
+                                                    batches[i % len(batches)], np.int32(i))
+    jax.block_until_ready((params, metrics))
+    entry[1][:] = [params, rest, opt_state, rng]
+    return (time.perf_counter() - start) / steps
+
+
+def time_variants(config: str, variants: dict[str, list[str]], steps: int, rounds: int
+                  ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Time each variant's compiled step (``{name: overrides}``; the first is the baseline)
+    in alternating rounds so that machine noise hits all alike. Returns the seconds per
+    step of every round and the median over rounds of each round's ratio to the baseline."""
+    entries = {name: compiled_step(config, ov) for name, ov in variants.items()}
+    base = next(iter(entries))
+    for entry in entries.values():
+        time_steps(entry, 2)  # warm caches
+    times: dict[str, list[float]] = {name: [] for name in entries}
+    for r in range(rounds):
+        for name, entry in entries.items():
+            times[name].append(time_steps(entry, steps))
+        ratios = "  ".join(f"{n} {times[n][-1] / times[base][-1]:.3f}" for n in entries)
+        print(f"round {r}: {ratios}", flush=True)
+    ratio = {n: statistics.median(t / b for t, b in zip(times[n], times[base], strict=True))
+             for n in entries}
+    return times, ratio

@@ -29,10 +29,9 @@ from sparsejax.config import load_config  # noqa: E402
 from sparsejax.train import run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import scalar_events, write_csv  # noqa: E402
+from common import scalars, text_data, training_wall_seconds, write_csv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 FFN = "blocks/\\d+/mlp/(fc|proj)"
 METHODS = {
     "dense": None,
@@ -41,23 +40,6 @@ METHODS = {
     "sste": "{method: sste}",
     "sste+mvue": "{method: sste, mvue: true}",
 }
-
-
-def events(run_dir: Path, tag: str) -> list:
-    return scalar_events(run_dir).get(tag, [])
-
-
-def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    return [(e.step, e.value) for e in events(run_dir, tag)]
-
-
-def training_wall_seconds(run_dir: Path, steps: int) -> float:
-    """Wall time of the training loop, from the TensorBoard event times of train/loss
-    (extrapolated over the first logging interval; in-loop evaluation included). Read from
-    the events so that a finished run that is reused still reports its training time."""
-    loss = events(run_dir, "train/loss")
-    first, last = loss[0], loss[-1]
-    return (last.wall_time - first.wall_time) * steps / max(last.step - first.step, 1)
 
 
 def main() -> None:
@@ -71,8 +53,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "experiments/results/sste_vs_baselines"))
     args = parser.parse_args()
 
-    data = args.data or (str(SHAKESPEARE) if SHAKESPEARE.is_file() else None)
-    data_overrides = ["data.source=text", f"data.path={data}"] if data else []
+    data, data_overrides = text_data(args.data)
     base = ["train.eval_every=50", "checkpoint.every=100000", "logging.log_every=10",
             "logging.progress=lines", f"train.steps={args.steps}",
             f"optimizer.warmup_steps={max(1, args.steps // 12)}", *data_overrides,

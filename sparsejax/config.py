@@ -25,6 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
+from sparsejax.quant import FP8_FORMATS, QUANT_METHODS, QuantSpec
 from sparsejax.sparsity import METHODS as SPARSITY_METHODS
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "ModelConfig",
     "ModelKind",
     "OptimizerConfig",
+    "QuantConfig",
+    "QuantRuleConfig",
     "RuleConfig",
     "SparsityConfig",
     "TrainConfig",
@@ -140,13 +143,36 @@ class SparsityConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Quantisation of one tensor of the matched layers (METHODS.md sections 3-4); the
+    fields of ``sparsejax.quant.QuantSpec``."""
+
+    method: str = "dat"  # dat | absmax_ste | lsq | fp8
+    bits: float = 4.0  # 1..8, or 1.5 for ternary (not used by fp8)
+    affine: bool = True  # dat: affine (min/max grid) or linear (symmetric) pre-transform
+    lam: float = 0.01  # dat: ridge penalty lambda
+    block_size: int = 128  # dat, absmax_ste: sub-channel block along the contracting axis
+    fmt: str = "e4m3"  # fp8: e4m3 | e5m2
+
+
+@dataclass
+class QuantRuleConfig:
+    """Weights and input activations are quantised separately; either may be left out."""
+
+    weights: QuantConfig | None = None
+    activations: QuantConfig | None = None
+
+
+@dataclass
 class RuleConfig:
     """One path rule: ``path`` is a regex matched (``re.fullmatch``) against the
     ``/``-joined module path of each layer (``blocks/0/mlp/fc``; list them with
-    ``sparsejax layers CONFIG``). The first matching rule wins."""
+    ``sparsejax layers CONFIG``). The first matching rule wins. With both ``sparsity``
+    and ``quant``, weights are pruned, then quantised."""
 
     path: str = ".*"
     sparsity: SparsityConfig | None = None
+    quant: QuantRuleConfig | None = None
 
 
 @dataclass
@@ -179,7 +205,9 @@ def all_keys(schema: Any = Config, prefix: str = "") -> list[str]:
 
 def _close_matches(key: str) -> str:
     candidates = (all_keys() + [f"rules.N.{k}" for k in all_keys(RuleConfig)]
-                  + [f"rules.N.sparsity.{k}" for k in all_keys(SparsityConfig)])
+                  + [f"rules.N.sparsity.{k}" for k in all_keys(SparsityConfig)]
+                  + [f"rules.N.quant.{t}.{k}" for t in ("weights", "activations")
+                     for k in all_keys(QuantConfig)])
     key = re.sub(r"rules(\.|\[)(\d+)\]?", "rules.N", key)
     matches = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
     if not matches:  # try the last component alone (``lrr`` -> ``optimizer.lr``)
@@ -215,21 +243,21 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], origin: str = "overri
         key = item.split("=", 1)[0]
         if key not in known and not key.startswith("rules."):
             raise ConfigError(f"unknown key '{key}' in {origin}{_close_matches(key)}")
+    cfg = cfg.copy()
+    for item in overrides:  # in order: `rules=[...]` then `rules.0.x=...` works
+        key, value = item.split("=", 1)
         index = re.match(r"rules\.(\d+)\.", key)
         if index and int(index.group(1)) >= len(cfg.rules):
             raise ConfigError(f"bad key '{key}' in {origin}: the config has {len(cfg.rules)} "
                               "rule(s); add rules with rules=[{path: ..., sparsity: {...}}]")
-    cfg = cfg.copy()
-    try:
-        for item in overrides:
-            key, value = item.split("=", 1)
+        try:
             parsed = OmegaConf.from_dotlist([f"value={value}"])["value"]  # YAML-typed value
             # update() (unlike a merge) reaches into lists: rules.0.sparsity.method=ste
             OmegaConf.update(cfg, key, parsed, merge=True)
-    except (oc_errors.OmegaConfBaseException, IndexError) as err:
-        if isinstance(err, IndexError):
-            raise ConfigError(f"bad key '{key}' in {origin}: {err}") from None
-        raise ConfigError(_describe(err, origin)) from None
+        except (oc_errors.OmegaConfBaseException, IndexError) as err:
+            if isinstance(err, IndexError):
+                raise ConfigError(f"bad key '{key}' in {origin}: {err}") from None
+            raise ConfigError(_describe(err, origin)) from None
     return cfg
 
 
@@ -368,3 +396,25 @@ def validate(cfg: Config) -> None:
                      f"'{sp.method}' is not one of {'|'.join(SPARSITY_METHODS)}")
             _require(1 <= sp.n < sp.m, f"{key}.n", f"N:M pattern {sp.n}:{sp.m} needs 1 <= n < m")
             _require(sp.decay >= 0, f"{key}.decay", f"must be >= 0, got {sp.decay}")
+        for tensor in ("weights", "activations"):
+            qc = getattr(rule.quant, tensor) if rule.quant is not None else None
+            if qc is not None:
+                _validate_quant(qc, f"rules.{i}.quant.{tensor}")
+        if (sp is not None and sp.method != "dense" and rule.quant is not None
+                and rule.quant.weights is not None and rule.quant.weights.method == "dat"):
+            _require(not rule.quant.weights.affine, f"rules.{i}.quant.weights.affine",
+                     "affine DAT would fill the pruned zeros of a sparse layer; set "
+                     "affine: false (the linear form, METHODS.md 3.6)")
+
+
+def _validate_quant(qc: QuantConfig, key: str) -> None:
+    _require(qc.method in QUANT_METHODS, f"{key}.method",
+             f"'{qc.method}' is not one of {'|'.join(QUANT_METHODS)}")
+    _require(qc.fmt in FP8_FORMATS, f"{key}.fmt",
+             f"'{qc.fmt}' is not one of {'|'.join(FP8_FORMATS)}")
+    _require(qc.block_size > 0, f"{key}.block_size", f"must be > 0, got {qc.block_size}")
+    _require(qc.lam >= 0, f"{key}.lam", f"must be >= 0, got {qc.lam}")
+    try:
+        QuantSpec(**dataclasses.asdict(qc))
+    except ValueError as err:  # bits, and LSQ's bits >= 1.5
+        raise ConfigError(f"bad value for '{key}.bits': {err}") from None

@@ -4,14 +4,25 @@ Models are assembled only from these layers so that path rules can find every li
 by its module path and give it a transform without touching model code.
 """
 
-from sparsejax.nn.layers import Embed, LayerNorm, Linear, SparsityState, dropout
+from sparsejax.nn.layers import (
+    Embed,
+    LayerNorm,
+    Linear,
+    LSQQuantizer,
+    QuantState,
+    SparsityState,
+    dropout,
+)
 from sparsejax.nn.rules import (
     apply_rules,
     assign_rules,
     layer_metrics,
     named_layers,
+    quant_metrics,
+    quantized_layers,
     sparse_layers,
 )
 
-__all__ = ["Embed", "LayerNorm", "Linear", "SparsityState", "apply_rules", "assign_rules",
-           "dropout", "layer_metrics", "named_layers", "sparse_layers"]
+__all__ = ["Embed", "LSQQuantizer", "LayerNorm", "Linear", "QuantState", "SparsityState",
+           "apply_rules", "assign_rules", "dropout", "layer_metrics", "named_layers",
+           "quant_metrics", "quantized_layers", "sparse_layers"]

@@ -6,33 +6,84 @@ operands are cast to it before the matmul and the result is returned in it.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax.quant import (
+    STAT_NAMES,
+    QuantSpec,
+    lsq,
+    lsq_init_step,
+    lsq_range,
+    quantize_with_stats,
+)
 from sparsejax.sparse_linear import nm_linear
 from sparsejax.sparsity import NMSpec, check_nm, effective_weight, sste_scale
 
-__all__ = ["Embed", "LayerNorm", "Linear", "SparsityState", "dropout"]
+__all__ = ["Embed", "LSQQuantizer", "LayerNorm", "Linear", "QuantState", "SparsityState",
+           "dropout"]
 
 
 class SparsityState(nnx.Variable):
     """Non-trainable state of a sparse layer (S-STE's frozen beta, the MVUE draw counter):
     saved in checkpoints with the rest of the model, never touched by the optimiser."""
 
+
+class QuantState(nnx.Variable):
+    """Non-trainable state of a quantised layer: the diagnostics of the activations it
+    quantised in its last call (``STAT_NAMES`` order), read by the trainer's metrics."""
+
+
+# E|x| of a unit-variance Gaussian: LSQ's activation step is initialised for the inputs of
+# our linear layers (LayerNorm outputs, GELU of them) instead of from a first batch.
+UNIT_GAUSSIAN_ABS_MEAN = math.sqrt(2.0 / math.pi)
+
+
+class LSQQuantizer(nnx.Module):
+    """LSQ with a learned per-tensor step (Esser et al. 2020; METHODS.md 4).
+
+    The step is an ``nnx.Param`` (trained with the weights, no weight decay: it is a
+    scalar), initialised to ``2 E|x| / sqrt(Q_p)``; its gradient is scaled by
+    ``1 / sqrt(count * Q_p)`` where ``count`` is the number of weights, or the number of
+    features of an activation vector.
+    """
+
+    def __init__(self, bits: float, init_step: float, count: int):
+        self.bits = bits
+        self.grad_scale = 1.0 / math.sqrt(count * lsq_range(bits)[1])
+        self.step = nnx.Param(jnp.asarray(init_step, jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return lsq(x, self.step[...], self.bits, grad_scale=self.grad_scale)
+
 Initializer = nnx.initializers.Initializer
 DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()
 DEFAULT_EMBED_INIT = nnx.initializers.normal(0.02)
+
+
+def _quantize(x: jax.Array, spec: QuantSpec, learned: LSQQuantizer | None, axis: int):
+    if learned is None:
+        return quantize_with_stats(x, spec, axis=axis)
+    return quantize_with_stats(x, spec, axis=axis, step=learned.step[...],
+                               grad_scale=learned.grad_scale)
 
 
 class Linear(nnx.Module):
     """``y = x @ W + b`` with ``W`` of shape ``(in_features, out_features)``.
 
     Axis 0 of ``W`` is the contracting axis: N:M groups and quantisation blocks run along
-    it (see ``../shared/docs/METHODS.md``, conventions). A layer is dense until
-    :meth:`set_sparsity` (called by path rules, ``sparsejax.nn.apply_rules``) gives it an
-    :class:`~sparsejax.sparsity.NMSpec`; it then multiplies by the method's effective
-    weight through :func:`~sparsejax.sparse_linear.nm_linear`.
+    it (see ``../shared/docs/METHODS.md``, conventions). A layer is dense and full
+    precision until path rules (``sparsejax.nn.apply_rules``) configure it:
+
+    * :meth:`set_sparsity` gives it an :class:`~sparsejax.sparsity.NMSpec`; it then
+      multiplies by the method's effective weight through
+      :func:`~sparsejax.sparse_linear.nm_linear`;
+    * :meth:`set_quant` quantises its weights and/or its input activations
+      (:class:`~sparsejax.quant.QuantSpec`, blocks along ``in``). With both, the weight is
+      pruned first, then quantised.
 
     Args:
       in_features, out_features: sizes of the last axis of ``x`` and of ``y``.
@@ -55,6 +106,11 @@ class Linear(nnx.Module):
         self.beta: SparsityState | None = nnx.data(None)
         self.mvue_count: SparsityState | None = nnx.data(None)
         self.mvue_seed = 0
+        self.weight_quant: QuantSpec | None = None
+        self.act_quant: QuantSpec | None = None
+        self.weight_lsq: LSQQuantizer | None = nnx.data(None)
+        self.act_lsq: LSQQuantizer | None = nnx.data(None)
+        self.act_stats: QuantState | None = nnx.data(None)
 
     def set_sparsity(self, spec: NMSpec, seed: int = 0) -> None:
         """Make this layer N:M sparse. S-STE's beta is fitted to the *current* kernel and
@@ -66,19 +122,59 @@ class Linear(nnx.Module):
         self.mvue_count = SparsityState(jnp.zeros((), jnp.uint32)) if spec.mvue else None
         self.mvue_seed = seed
 
+    def set_quant(self, weights: QuantSpec | None = None,
+                  activations: QuantSpec | None = None) -> None:
+        """Quantise this layer's weights and/or input activations (simulated, METHODS.md
+        3-4). Call after :meth:`set_sparsity`: LSQ's weight step is initialised from the
+        current kernel. Raises ``ValueError`` for an affine DAT on a sparse layer (its
+        offset would fill the pruned zeros; the card uses the linear form with sparsity)."""
+        if (weights is not None and not weights.keeps_zeros and self.sparsity is not None
+                and self.sparsity.method != "dense"):
+            raise ValueError("affine DAT does not keep pruned weights at zero; use "
+                             "affine: false for weights of a sparse layer (METHODS.md 3.6)")
+        self.weight_quant, self.act_quant = weights, activations
+        self.weight_lsq = self.act_lsq = None
+        if weights is not None and weights.method == "lsq":
+            abs_mean = float(jnp.mean(jnp.abs(self.kernel[...])))
+            self.weight_lsq = LSQQuantizer(weights.bits, lsq_init_step(abs_mean, weights.bits),
+                                           count=self.kernel.size)
+        if activations is not None and activations.method == "lsq":
+            self.act_lsq = LSQQuantizer(
+                activations.bits, lsq_init_step(UNIT_GAUSSIAN_ABS_MEAN, activations.bits),
+                count=self.in_features)
+        self.act_stats = (QuantState(jnp.zeros((len(STAT_NAMES),), jnp.float32))
+                          if activations is not None else None)
+
+    def effective_kernel_with_stats(self) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The weight the matmul uses, shape ``(in, out)``, and the weight quantisation
+        diagnostics (empty without weight quantisation)."""
+        w = self.kernel[...]
+        if self.sparsity is not None:
+            beta = None if self.beta is None else self.beta[...]
+            w = effective_weight(w, self.sparsity, beta, axis=0)
+        if self.weight_quant is None:
+            return w, {}
+        return _quantize(w, self.weight_quant, self.weight_lsq, axis=0)
+
     def effective_kernel(self) -> jax.Array:
         """The weight the matmul uses, shape ``(in, out)``."""
-        w = self.kernel[...]
-        if self.sparsity is None:
-            return w
-        beta = None if self.beta is None else self.beta[...]
-        return effective_weight(w, self.sparsity, beta, axis=0)
+        return self.effective_kernel_with_stats()[0]
+
+    def quantize_input(self, x: jax.Array) -> jax.Array:
+        """``x`` as the matmul sees it (activation quantisation along the last axis);
+        records the diagnostics in ``act_stats``."""
+        if self.act_quant is None:
+            return x
+        x, stats = _quantize(x, self.act_quant, self.act_lsq, axis=-1)
+        self.act_stats[...] = jnp.stack([stats[k] for k in STAT_NAMES])
+        return x
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x``: ``(..., in_features)`` -> ``(..., out_features)``."""
         dtype = self.dtype or x.dtype
+        x = self.quantize_input(x.astype(dtype))
         if self.sparsity is None:
-            y = jnp.matmul(x.astype(dtype), self.kernel[...].astype(dtype))
+            y = jnp.matmul(x, self.effective_kernel().astype(dtype))
         else:
             key = None
             if self.mvue_count is not None:  # a fresh key per call, resumable from state

@@ -3,8 +3,8 @@
 A module path is the ``/``-joined attribute path from the model root, e.g.
 ``blocks/0/mlp/fc``. A rule's ``path`` is matched with ``re.fullmatch``; like qwix, the
 first rule that matches a layer wins, and the user's model code is never edited. Rules are
-any objects with a ``path`` attribute and optional transform specs (``sparsity``), e.g. the
-config's ``RuleConfig``.
+any objects with a ``path`` attribute and optional transform specs (``sparsity``;
+``quant`` with ``weights`` / ``activations``), e.g. the config's ``RuleConfig``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.nn.layers import Linear
+from sparsejax.quant import STAT_NAMES, QuantSpec
 from sparsejax.sparsity import NMSpec, flip_rate, threshold_nm
 
-__all__ = ["apply_rules", "assign_rules", "layer_metrics", "named_layers", "sparse_layers"]
+__all__ = ["apply_rules", "assign_rules", "layer_metrics", "named_layers", "quant_metrics",
+           "quantized_layers", "sparse_layers"]
 
 NEAR_THRESHOLD = 1e-3  # "within 1e-3 of the threshold" (issue: what researchers watch)
 
@@ -57,26 +59,38 @@ def assign_rules(model: nnx.Module, rules: Sequence[Any], types: tuple[type, ...
     return assignment
 
 
-def _spec(sparsity: Any) -> NMSpec:
-    fields = {f.name for f in dataclasses.fields(NMSpec)}
-    values = sparsity if isinstance(sparsity, dict) else vars(sparsity)
-    return NMSpec(**{k: v for k, v in values.items() if k in fields})
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _spec(cls: type, values: Any) -> Any:
+    """``cls`` (a dataclass) from an object or dict, ignoring fields ``cls`` lacks."""
+    if values is None:
+        return None
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = values if isinstance(values, dict) else vars(values)
+    return cls(**{k: v for k, v in values.items() if k in fields})
 
 
 def apply_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
     """Configure, in place, every layer the rules select; returns ``{path: rule index}``.
 
     A rule's ``sparsity`` (an object or dict with the fields of ``NMSpec``) makes the
-    matched ``Linear`` layers N:M sparse. Errors name the rule and the layer.
+    matched ``Linear`` layers N:M sparse; its ``quant.weights`` / ``quant.activations``
+    (fields of ``QuantSpec``) quantise them, after the sparsity. Errors name the rule and
+    the layer.
     """
     assignment = assign_rules(model, rules)
     layers = dict(named_layers(model))
     for path, index in assignment.items():
-        sparsity = getattr(rules[index], "sparsity", None)
-        if sparsity is None:
-            continue
+        sparsity, quant = _field(rules[index], "sparsity"), _field(rules[index], "quant")
         try:
-            layers[path].set_sparsity(_spec(sparsity), seed=zlib.crc32(path.encode()))
+            if sparsity is not None:
+                layers[path].set_sparsity(_spec(NMSpec, sparsity),
+                                          seed=zlib.crc32(path.encode()))
+            if quant is not None:
+                layers[path].set_quant(_spec(QuantSpec, _field(quant, "weights")),
+                                       _spec(QuantSpec, _field(quant, "activations")))
         except ValueError as err:
             raise ValueError(f"rules.{index} on layer {path}: {err}") from None
     return assignment
@@ -85,6 +99,42 @@ def apply_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
 def sparse_layers(model: nnx.Module) -> list[tuple[str, Linear]]:
     return [(p, m) for p, m in named_layers(model)
             if m.sparsity is not None and m.sparsity.method != "dense"]
+
+
+def quantized_layers(model: nnx.Module) -> list[tuple[str, Linear]]:
+    return [(p, m) for p, m in named_layers(model)
+            if m.weight_quant is not None or m.act_quant is not None]
+
+
+def _size_weighted(out: dict[str, jax.Array], prefix: str,
+                   totals: dict[str, list[tuple[jax.Array, int]]]) -> None:
+    for name, values in totals.items():
+        size = sum(n for _, n in values)
+        out[f"{prefix}/{name}"] = sum(v * (n / size) for v, n in values)
+
+
+def quant_metrics(model: nnx.Module) -> dict[str, jax.Array]:
+    """Per quantised layer, ``quant/<path>/{weights,activations}/<stat>`` for the stats of
+    ``sparsejax.quant.quantize_with_stats`` (``mse_naive`` = before denoising, ``mse`` =
+    after, ``scale`` = mean s_g for DAT, ``clip_frac``), plus size-weighted aggregates
+    ``quant/{weights,activations}/<stat>``. Activation stats are those of the layer's
+    last call (the training batch of this step)."""
+    out: dict[str, jax.Array] = {}
+    totals: dict[str, dict[str, list]] = {"weights": {}, "activations": {}}
+    for path, layer in quantized_layers(model):
+        found = {}
+        if layer.weight_quant is not None:
+            found["weights"] = (layer.effective_kernel_with_stats()[1], layer.kernel.size)
+        if layer.act_stats is not None:
+            found["activations"] = (dict(zip(STAT_NAMES, layer.act_stats[...], strict=True)),
+                                    layer.in_features)
+        for tensor, (stats, size) in found.items():
+            for name, value in stats.items():
+                out[f"quant/{path}/{tensor}/{name}"] = value
+                totals[tensor].setdefault(name, []).append((value, size))
+    for tensor, values in totals.items():
+        _size_weighted(out, f"quant/{tensor}", values)
+    return out
 
 
 def layer_metrics(before: nnx.Module, after: nnx.Module) -> dict[str, jax.Array]:
@@ -97,7 +147,8 @@ def layer_metrics(before: nnx.Module, after: nnx.Module) -> dict[str, jax.Array]
       group's threshold tau, not counting the pruned entry that defines tau;
     * ``beta``: S-STE's frozen scale.
 
-    Keys: ``sparsity/<path>/<metric>`` and the size-weighted ``sparsity/<metric>``.
+    Keys: ``sparsity/<path>/<metric>`` and the size-weighted ``sparsity/<metric>``; plus
+    the quantisation diagnostics of :func:`quant_metrics` for the model after the step.
     """
     old = dict(sparse_layers(before))
     out: dict[str, jax.Array] = {}
@@ -116,7 +167,6 @@ def layer_metrics(before: nnx.Module, after: nnx.Module) -> dict[str, jax.Array]
         for name, value in stats.items():
             out[f"sparsity/{path}/{name}"] = value
             totals.setdefault(name, []).append((value, w.size))
-    for name, values in totals.items():
-        size = sum(n for _, n in values)
-        out[f"sparsity/{name}"] = sum(v * (n / size) for v, n in values)
+    _size_weighted(out, "sparsity", totals)
+    out.update(quant_metrics(after))
     return out
