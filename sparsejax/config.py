@@ -26,6 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from sparsejax.quant import FP8_FORMATS, QUANT_METHODS, QuantSpec
+from sparsejax.sparsity import KERNELS as SPARSITY_KERNELS
 from sparsejax.sparsity import METHODS as SPARSITY_METHODS
 
 __all__ = [
@@ -140,6 +141,7 @@ class SparsityConfig:
     mvue: bool = False  # 2:4 MVUE of dZ for the weight gradient (S-STE's backward)
     fp8: bool = False  # simulate FP8 operands (E4M3 forward, E5M2 backward)
     decay: float = 2e-4  # SR-STE lambda_W (ignored by the other methods)
+    kernel: str = "xla"  # xla (masked dense matmul) | pallas (packed 2:4 kernel, m <= 4)
 
 
 @dataclass
@@ -396,6 +398,11 @@ def validate(cfg: Config) -> None:
                      f"'{sp.method}' is not one of {'|'.join(SPARSITY_METHODS)}")
             _require(1 <= sp.n < sp.m, f"{key}.n", f"N:M pattern {sp.n}:{sp.m} needs 1 <= n < m")
             _require(sp.decay >= 0, f"{key}.decay", f"must be >= 0, got {sp.decay}")
+            _require(sp.kernel in SPARSITY_KERNELS, f"{key}.kernel",
+                     f"'{sp.kernel}' is not one of {'|'.join(SPARSITY_KERNELS)}")
+            _require(sp.kernel != "pallas" or (sp.m <= 4 and sp.method != "dense"),
+                     f"{key}.kernel", f"pallas needs a sparse method and m <= 4, got "
+                     f"{sp.method} {sp.n}:{sp.m}")
         for tensor in ("weights", "activations"):
             qc = getattr(rule.quant, tensor) if rule.quant is not None else None
             if qc is not None:

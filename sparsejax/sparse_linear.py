@@ -7,8 +7,11 @@
 | input     dX = dZ W_eff^T | none (dense)                                     |
 
 Optional FP8 *simulation* (reference code): E4M3 forward operands, E5M2 for dZ in the
-backward GEMMs, per-tensor amax scaling, float32 accumulation. This op is where the packed
-Pallas 2:4 kernel plugs in.
+backward GEMMs, per-tensor amax scaling, float32 accumulation.
+
+``kernel="pallas"``: the forward GEMM and the input-gradient GEMM run on the packed weight
+(``sparsejax.kernels.nm_matmul``; W_eff is packed every step), the weight gradient stays a
+dense GEMM (the straight-through estimators need it for every entry).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from sparsejax.kernels.nm_matmul import nm_matmul, pack_nm
 from sparsejax.quant import fp8
 from sparsejax.sparsity import mvue24
 
@@ -25,19 +29,21 @@ __all__ = ["nm_linear"]
 
 
 def nm_linear(x: jax.Array, w_eff: jax.Array, key: jax.Array | None = None, *,
-              mvue: bool = False, fp8_sim: bool = False) -> jax.Array:
+              mvue: bool = False, fp8_sim: bool = False,
+              packed: tuple[int, int] | None = None) -> jax.Array:
     """``x``: ``(..., in)``, ``w_eff``: ``(in, out)`` -> ``(..., out)`` in ``x``'s dtype.
 
     ``mvue=True`` needs ``key`` (fresh per step): the weight gradient is then computed from
     an unbiased 2:4 sparsification of dZ along the flattened token axis (token count
-    padded with zero rows to a multiple of 4).
+    padded with zero rows to a multiple of 4). ``packed=(n, m)``: ``w_eff`` is n:m along
+    ``in``; the forward and dX GEMMs use the packed Pallas kernel.
     """
     if mvue and key is None:
         raise ValueError("nm_linear(mvue=True) needs a PRNG key")
     if key is None:
         key = jax.random.key(0)  # unused
     lead = x.shape[:-1]
-    y = _nm_linear_2d(x.reshape(-1, x.shape[-1]), w_eff, key, mvue, fp8_sim)
+    y = _nm_linear_2d(x.reshape(-1, x.shape[-1]), w_eff, key, mvue, fp8_sim, packed)
     return y.reshape(*lead, w_eff.shape[-1])
 
 
@@ -49,22 +55,33 @@ def _matmul(a, b, out_dtype):
     return jnp.matmul(a, b.astype(a.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _nm_linear_2d(x, w, key, mvue, fp8_sim):
+def _pack(w, x_dtype, packed):
+    return pack_nm(w.astype(x_dtype), *packed, prune=True)  # exact n:m: prune keeps all
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _nm_linear_2d(x, w, key, mvue, fp8_sim, packed):
+    return _fwd(x, w, key, mvue, fp8_sim, packed)[0]
+
+
+def _fwd(x, w, key, mvue, fp8_sim, packed):
     xq, wq = _operands(x, w, fp8_sim)
-    return _matmul(xq, wq, x.dtype)
+    if packed is not None:
+        y = nm_matmul(xq, _pack(wq, xq.dtype, packed), backend="pallas")
+    else:
+        y = _matmul(xq, wq, x.dtype)
+    return y, (xq, wq, key)
 
 
-def _fwd(x, w, key, mvue, fp8_sim):
-    xq, wq = _operands(x, w, fp8_sim)
-    return _matmul(xq, wq, x.dtype), (xq, wq, key)
-
-
-def _bwd(mvue, fp8_sim, res, dz):
+def _bwd(mvue, fp8_sim, packed, res, dz):
     xq, wq, key = res
     if fp8_sim:
         dz = fp8(dz, "e5m2")
-    dx = _matmul(dz, wq.T, xq.dtype)
+    if packed is not None:  # the transposed kernel reads the packed weight
+        p = _pack(wq, xq.dtype, packed)
+        dx = jax.vjp(lambda x: nm_matmul(x, p, backend="pallas"), xq)[1](dz.astype(xq.dtype))[0]
+    else:
+        dx = _matmul(dz, wq.T, xq.dtype)
     dz_w = dz
     if mvue:
         tokens = dz.shape[0]

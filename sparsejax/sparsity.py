@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "KERNELS",
     "METHODS",
     "NMSpec",
     "check_nm",
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 METHODS = ("dense", "ste", "sr_ste", "sste")
+KERNELS = ("xla", "pallas")
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,9 @@ class NMSpec:
 
     method: ``dense`` | ``ste`` | ``sr_ste`` | ``sste``; ``n`` of every ``m`` kept along the
     contracting axis; ``mvue``: sparsify the output gradient 2:4 along tokens for the weight
-    gradient; ``fp8``: simulate FP8 operands; ``decay``: SR-STE's lambda_W.
+    gradient; ``fp8``: simulate FP8 operands; ``decay``: SR-STE's lambda_W; ``kernel``:
+    ``xla`` (dense matmul with zeros) or ``pallas`` (forward and input-gradient GEMMs on the
+    packed weight, ``sparsejax.kernels.nm_matmul``; needs ``m <= 4``).
     """
 
     method: str = "sste"
@@ -53,6 +57,7 @@ class NMSpec:
     mvue: bool = False
     fp8: bool = False
     decay: float = 2e-4
+    kernel: str = "xla"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -61,6 +66,11 @@ class NMSpec:
             raise ValueError(f"N:M pattern {self.n}:{self.m} needs 1 <= n < m")
         if self.decay < 0:
             raise ValueError(f"SR-STE decay must be >= 0, got {self.decay}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel '{self.kernel}' is not one of {'|'.join(KERNELS)}")
+        if self.kernel == "pallas" and (self.m > 4 or self.method == "dense"):
+            raise ValueError(f"kernel 'pallas' needs a sparse method and m <= 4, got "
+                             f"{self.method} {self.n}:{self.m}")
 
 
 def check_nm(shape: tuple[int, ...], n: int, m: int, axis: int) -> int:

@@ -9,9 +9,11 @@ from sparsejax.nn.layers import (
     LayerNorm,
     Linear,
     LSQQuantizer,
+    PackedState,
     QuantState,
     SparsityState,
     dropout,
+    pack_model,
 )
 from sparsejax.nn.rules import (
     apply_rules,
@@ -23,6 +25,7 @@ from sparsejax.nn.rules import (
     sparse_layers,
 )
 
-__all__ = ["Embed", "LSQQuantizer", "LayerNorm", "Linear", "QuantState", "SparsityState",
-           "apply_rules", "assign_rules", "dropout", "layer_metrics", "named_layers",
+__all__ = ["Embed", "LSQQuantizer", "LayerNorm", "Linear", "PackedState", "QuantState",
+           "SparsityState", "apply_rules", "assign_rules", "dropout", "layer_metrics",
+           "named_layers", "pack_model",
            "quant_metrics", "quantized_layers", "sparse_layers"]

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax.kernels.nm_matmul import PackedNM, nm_matmul, pack_nm
 from sparsejax.quant import (
     STAT_NAMES,
     QuantSpec,
@@ -23,13 +24,18 @@ from sparsejax.quant import (
 from sparsejax.sparse_linear import nm_linear
 from sparsejax.sparsity import NMSpec, check_nm, effective_weight, sste_scale
 
-__all__ = ["Embed", "LSQQuantizer", "LayerNorm", "Linear", "QuantState", "SparsityState",
-           "dropout"]
+__all__ = ["Embed", "LSQQuantizer", "LayerNorm", "Linear", "PackedState", "QuantState",
+           "SparsityState", "dropout", "pack_model"]
 
 
 class SparsityState(nnx.Variable):
     """Non-trainable state of a sparse layer (S-STE's frozen beta, the MVUE draw counter):
     saved in checkpoints with the rest of the model, never touched by the optimiser."""
+
+
+class PackedState(nnx.Variable):
+    """The metadata (kept positions) of a packed N:M weight: saved in checkpoints, never
+    trained."""
 
 
 class QuantState(nnx.Variable):
@@ -169,11 +175,39 @@ class Linear(nnx.Module):
         self.act_stats[...] = jnp.stack([stats[k] for k in STAT_NAMES])
         return x
 
+    def pack(self, dtype: jnp.dtype | None = None) -> None:
+        """Inference form: replace the kernel by the packed effective weight (``PackedNM``
+        values as an ``nnx.Param``, positions as :class:`PackedState`), optionally cast to
+        ``dtype``; the forward GEMM then runs ``sparsejax.kernels.nm_matmul`` (Pallas on
+        GPU/TPU, XLA on CPU). Training state of the sparse method (beta, MVUE counter) is
+        dropped."""
+        if self.sparsity is None or self.sparsity.method == "dense" or self.sparsity.m > 4:
+            raise ValueError("only an N:M sparse layer with m <= 4 can be packed")
+        w = self.effective_kernel()
+        p = pack_nm(w.astype(dtype or w.dtype), self.sparsity.n, self.sparsity.m, prune=True)
+        self.packed_values = nnx.Param(p.values)
+        self.packed_meta = PackedState(p.meta)
+        self.kernel = nnx.data(None)
+        self.beta = self.mvue_count = None
+        self.weight_quant = self.weight_lsq = None  # already applied to the packed values
+
+    @property
+    def packed(self) -> PackedNM | None:
+        """The packed weight after :meth:`pack`, else None."""
+        values = getattr(self, "packed_values", None)
+        if values is None:
+            return None
+        n, m = self.sparsity.n, self.sparsity.m
+        return PackedNM(values[...], self.packed_meta[...], n, m,
+                        (self.in_features, self.out_features), 0)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x``: ``(..., in_features)`` -> ``(..., out_features)``."""
         dtype = self.dtype or x.dtype
         x = self.quantize_input(x.astype(dtype))
-        if self.sparsity is None:
+        if self.packed is not None:
+            y = nm_matmul(x, self.packed)
+        elif self.sparsity is None:
             y = jnp.matmul(x, self.effective_kernel().astype(dtype))
         else:
             key = None
@@ -181,11 +215,36 @@ class Linear(nnx.Module):
                 count = self.mvue_count[...]
                 key = jax.random.fold_in(jax.random.key(self.mvue_seed), count)
                 self.mvue_count[...] = count + 1
+            packed = ((self.sparsity.n, self.sparsity.m)
+                      if self.sparsity.kernel == "pallas" else None)
             y = nm_linear(x.astype(dtype), self.effective_kernel().astype(dtype), key,
-                          mvue=self.sparsity.mvue, fp8_sim=self.sparsity.fp8)
+                          mvue=self.sparsity.mvue, fp8_sim=self.sparsity.fp8, packed=packed)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
+
+
+def pack_model(model: nnx.Module, dtype: jnp.dtype | None = None) -> list[str]:
+    """Convert, in place, every N:M sparse ``Linear`` (``m <= 4``) whose packed form is
+    smaller than its dense kernel into its packed inference form (:meth:`Linear.pack`).
+    Returns the packed layer paths. Layers whose ``in_features`` is not a multiple of
+    ``4 * 32`` carry padding groups; one so small that packing does not save bytes stays
+    dense."""
+    packed = []
+    for path, layer in nnx.iter_graph(model):
+        if not isinstance(layer, Linear) or layer.sparsity is None:
+            continue
+        spec = layer.sparsity
+        if spec.method == "dense" or spec.m > 4 or layer.packed is not None:
+            continue
+        groups = -(-layer.in_features // spec.m // 32) * 32
+        itemsize = jnp.dtype(dtype or jnp.float32).itemsize
+        packed_bytes = spec.n * groups * layer.out_features * (itemsize + 0.25)
+        if packed_bytes >= layer.in_features * layer.out_features * itemsize:
+            continue
+        layer.pack(dtype)
+        packed.append("/".join(str(p) for p in path))
+    return packed
 
 
 class Embed(nnx.Module):
