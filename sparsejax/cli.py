@@ -14,6 +14,7 @@ import itertools
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from sparsejax.config import Config, ConfigError, load_config
 
@@ -83,8 +84,30 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     for path, layer in named_layers(init_model(cfg)):
         spec = layer.sparsity
         what = "dense" if spec is None else f"{spec.method} {spec.n}:{spec.m}" + (
-            " mvue" if spec.mvue else "") + (" fp8" if spec.fp8 else "")
+            " mvue" if spec.mvue else "") + (" fp8" if spec.fp8 else "") + (
+            " pallas" if spec.kernel == "pallas" else "")
+        for tensor, q in (("W", layer.weight_quant), ("A", layer.act_quant)):
+            if q is not None:
+                what += f" {tensor}:{q.method}" + ("" if q.method == "fp8" else f"{q.bits:g}")
         print(f"{path}\t{tuple(layer.kernel.shape)}\t{what}")
+    return 0
+
+
+def _short_name(path: Path) -> str:
+    path = path.resolve()
+    if path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name}@{path.name}"
+    return path.name
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from sparsejax.compare import compare_checkpoints, format_rows
+
+    logdir = Path(args.logdir)
+    name = args.name or "_vs_".join(_short_name(Path(p)) for p in args.checkpoints)
+    rows = compare_checkpoints(args.checkpoints, step=args.step, logdir=logdir, name=name)
+    print(format_rows(rows))
+    print(f"\nTensorBoard: tensorboard --logdir {logdir / name}")
     return 0
 
 
@@ -101,6 +124,14 @@ def make_parser() -> argparse.ArgumentParser:
     layers.add_argument("config")
     layers.add_argument("overrides", nargs="*")
     layers.set_defaults(func=_cmd_layers)
+    compare = sub.add_parser("compare", help="compare checkpoints layer by layer "
+                             "(terminal table + TensorBoard)")
+    compare.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                         help="run directories (latest checkpoint) or <run>/checkpoints/<step>")
+    compare.add_argument("--step", type=int, default=None, help="step to take from run dirs")
+    compare.add_argument("--logdir", default="runs/compare", help="TensorBoard root")
+    compare.add_argument("--name", default=None, help="run group name under --logdir")
+    compare.set_defaults(func=_cmd_compare)
     return parser
 
 
