@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,9 @@ import jax.numpy as jnp
 from sparsejax.kernels.nm_matmul import nm_matmul, pack_nm, packed_nbytes
 
 from sparsejax.sparsity import nm_mask
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,10 +109,7 @@ def main() -> None:
                   "unpacks the weight every call, so it is slower than dense: it exists for "
                   "correctness and portability, not speed."]
     lines.append("")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ Target on CPU: A4W4-DAT <= 1.30 x full precision.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import time_variants  # noqa: E402
+from common import step_time_rows, time_variants, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LINEARS = "blocks/\\d+/(attn/(qkv|proj)|mlp/(fc|proj))"
@@ -62,16 +61,10 @@ def main() -> None:
              "per-round ratio.", "",
              "| variant | step time (ms, median) | ratio to full precision | target |",
              "|---|---|---|---|"]
-    for n in VARIANTS:
-        target = f"<= {TARGETS[n]:.2f}" if n in TARGETS else ""
-        lines.append(f"| {n} | {1000 * statistics.median(times[n]):.1f} | {ratio[n]:.3f} | "
-                     f"{target} |")
+    lines += step_time_rows(times, ratio, TARGETS)
     lines += ["", "Each step includes the per-layer quantisation diagnostics the trainer logs "
               "(MSE before/after denoising, s_g, clipped fraction).", ""]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ Targets on CPU: S-STE <= 1.10 x dense, S-STE + MVUE <= 1.25 x dense.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import time_variants  # noqa: E402
+from common import step_time_rows, time_variants, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FFN = "blocks/\\d+/mlp/(fc|proj)"
@@ -44,7 +43,6 @@ def main() -> None:
     args = parser.parse_args()
 
     times, ratio = time_variants(args.config, VARIANTS, args.steps, args.rounds)
-    entries = VARIANTS
     targets = {"sste": 1.10, "sste+mvue": 1.25}
     lines = ["# N:M sparse training step time over dense (simulated sparsity)", "",
              f"Command: `python experiments/bench_sparsity_overhead.py --steps {args.steps} "
@@ -53,16 +51,10 @@ def main() -> None:
              f"{jax.devices()[0].platform}, jax {jax.__version__}; median over rounds of the "
              "per-round ratio.", "",
              "| variant | step time (ms, median) | ratio to dense | target |", "|---|---|---|---|"]
-    for n in entries:
-        target = f"<= {targets[n]:.2f}" if n in targets else ""
-        lines.append(f"| {n} | {1000 * statistics.median(times[n]):.1f} | {ratio[n]:.3f} | "
-                     f"{target} |")
+    lines += step_time_rows(times, ratio, targets)
     lines += ["", "Each step includes the per-layer sparsity metrics the trainer logs (flip "
               "rate, realised sparsity, near-threshold fraction).", ""]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -105,3 +105,22 @@ def time_variants(config: str, variants: dict[str, list[str]], steps: int, round
     ratio = {n: statistics.median(t / b for t, b in zip(times[n], times[base], strict=True))
              for n in entries}
     return times, ratio
+
+
+def step_time_rows(times: dict[str, list[float]], ratio: dict[str, float],
+                   targets: dict[str, float]) -> list[str]:
+    """Markdown rows ``| variant | median ms | ratio | target |`` of :func:`time_variants`."""
+    rows = []
+    for name in times:
+        target = f"<= {targets[name]:.2f}" if name in targets else ""
+        rows.append(f"| {name} | {1000 * statistics.median(times[name]):.1f} | "
+                    f"{ratio[name]:.3f} | {target} |")
+    return rows
+
+
+def write_results(out: str | Path, lines: list[str]) -> None:
+    """Write ``results.md`` under ``out`` (created) and print it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text("\n".join(lines))
+    print("\n".join(lines))

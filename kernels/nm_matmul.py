@@ -262,12 +262,16 @@ def _expanded(v_ref, m_ref, n: int, m: int, dtype, g_slice=slice(None)):
     return [sum(pl_[p] for pl_ in planes).astype(dtype) for p in range(m)]
 
 
-def _fwd_kernel_grid(x_ref, v_ref, m_ref, o_ref, *, n: int, m: int):
-    """Mosaic / interpret: grid (M, N, K) with K sequential; o_ref (f32) accumulates."""
+def _zero_on_first_reduction_step(o_ref) -> None:
+    """Grid kernels accumulate into the resident output block over the last grid axis."""
     @pl.when(pl.program_id(2) == 0)
     def _():
         o_ref[...] = jnp.zeros_like(o_ref)
 
+
+def _fwd_kernel_grid(x_ref, v_ref, m_ref, o_ref, *, n: int, m: int):
+    """Mosaic / interpret: grid (M, N, K) with K sequential; o_ref (f32) accumulates."""
+    _zero_on_first_reduction_step(o_ref)
     planes = _expanded(v_ref, m_ref, n, m, x_ref.dtype)
     acc = o_ref[...]
     for p in range(m):
@@ -291,10 +295,7 @@ def _fwd_kernel_loop(x_ref, v_ref, m_ref, o_ref, *, n: int, m: int, block_g: int
 
 def _dx_kernel_grid(dy_ref, v_ref, m_ref, o_ref, *, n: int, m: int):
     """Transposed product ``dx_p = dy @ D_p^T``; grid (M, G, N) with N sequential."""
-    @pl.when(pl.program_id(2) == 0)
-    def _():
-        o_ref[...] = jnp.zeros_like(o_ref)
-
+    _zero_on_first_reduction_step(o_ref)
     planes = _expanded(v_ref, m_ref, n, m, dy_ref.dtype)
     dy = dy_ref[...]
     for p in range(m):
