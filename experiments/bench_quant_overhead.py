@@ -15,14 +15,13 @@ Target on CPU: A4W4-DAT <= 1.30 x full precision.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import step_time_rows, time_variants, write_results  # noqa: E402
+from common import overhead_args, step_time_rows, time_variants, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LINEARS = "blocks/\\d+/(attn/(qkv|proj)|mlp/(fc|proj))"
@@ -44,12 +43,8 @@ TARGETS = {"A4W4 DAT": 1.30}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default=str(REPO / "configs" / "gpt_tiny.yaml"))
-    parser.add_argument("--steps", type=int, default=30, help="steps per variant per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=str(REPO / "experiments/results/bench_quant_overhead"))
-    args = parser.parse_args()
+    args = overhead_args(__doc__.splitlines()[0],
+                         REPO / "experiments/results/bench_quant_overhead")
 
     times, ratio = time_variants(args.config, VARIANTS, args.steps, args.rounds)
     lines = ["# Quantised training step time over full precision (simulated quantisation)", "",

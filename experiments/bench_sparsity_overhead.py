@@ -14,14 +14,13 @@ Targets on CPU: S-STE <= 1.10 x dense, S-STE + MVUE <= 1.25 x dense.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import step_time_rows, time_variants, write_results  # noqa: E402
+from common import overhead_args, step_time_rows, time_variants, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FFN = "blocks/\\d+/mlp/(fc|proj)"
@@ -35,12 +34,8 @@ VARIANTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default=str(REPO / "configs" / "gpt_tiny.yaml"))
-    parser.add_argument("--steps", type=int, default=30, help="steps per variant per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=str(REPO / "experiments/results/bench_sparsity_overhead"))
-    args = parser.parse_args()
+    args = overhead_args(__doc__.splitlines()[0],
+                         REPO / "experiments/results/bench_sparsity_overhead")
 
     times, ratio = time_variants(args.config, VARIANTS, args.steps, args.rounds)
     targets = {"sste": 1.10, "sste+mvue": 1.25}

@@ -87,6 +87,19 @@ def time_steps(entry, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def overhead_args(description: str, out: Path):
+    """Command-line arguments shared by the step-time overhead benchmarks."""
+    import argparse
+
+    repo = Path(__file__).resolve().parents[1]
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("config", nargs="?", default=str(repo / "configs" / "gpt_tiny.yaml"))
+    parser.add_argument("--steps", type=int, default=30, help="steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=str(out))
+    return parser.parse_args()
+
+
 def time_variants(config: str, variants: dict[str, list[str]], steps: int, rounds: int
                   ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Time each variant's compiled step (``{name: overrides}``; the first is the baseline)
