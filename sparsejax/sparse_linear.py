@@ -67,19 +67,20 @@ def _nm_linear_2d(x, w, key, mvue, fp8_sim, packed):
 def _fwd(x, w, key, mvue, fp8_sim, packed):
     xq, wq = _operands(x, w, fp8_sim)
     if packed is not None:
-        y = nm_matmul(xq, _pack(wq, xq.dtype, packed), backend="pallas")
+        packed_w = _pack(wq, xq.dtype, packed)
+        y = nm_matmul(xq, packed_w, backend="pallas")
     else:
-        y = _matmul(xq, wq, x.dtype)
-    return y, (xq, wq, key)
+        packed_w, y = None, _matmul(xq, wq, x.dtype)
+    return y, (xq, wq, key, packed_w)  # the packed weight is reused by the dX GEMM
 
 
 def _bwd(mvue, fp8_sim, packed, res, dz):
-    xq, wq, key = res
+    xq, wq, key, packed_w = res
     if fp8_sim:
         dz = fp8(dz, "e5m2")
     if packed is not None:  # the transposed kernel reads the packed weight
-        p = _pack(wq, xq.dtype, packed)
-        dx = jax.vjp(lambda x: nm_matmul(x, p, backend="pallas"), xq)[1](dz.astype(xq.dtype))[0]
+        dx = jax.vjp(lambda x: nm_matmul(x, packed_w, backend="pallas"), xq)[1](
+            dz.astype(xq.dtype))[0]
     else:
         dx = _matmul(dz, wq.T, xq.dtype)
     dz_w = dz
