@@ -227,9 +227,9 @@ class Linear(nnx.Module):
 def pack_model(model: nnx.Module, dtype: jnp.dtype | None = None) -> list[str]:
     """Convert, in place, every N:M sparse ``Linear`` (``m <= 4``) whose packed form is
     smaller than its dense kernel into its packed inference form (:meth:`Linear.pack`).
-    Returns the packed layer paths. Layers whose ``in_features`` is not a multiple of
-    ``4 * 32`` carry padding groups; one so small that packing does not save bytes stays
-    dense."""
+    Returns the packed layer paths. The packed size comes from the format itself
+    (``jax.eval_shape`` of ``pack_nm``): a layer whose group padding would make it no
+    smaller stays dense."""
     packed = []
     for path, layer in nnx.iter_graph(model):
         if not isinstance(layer, Linear) or layer.sparsity is None:
@@ -237,10 +237,10 @@ def pack_model(model: nnx.Module, dtype: jnp.dtype | None = None) -> list[str]:
         spec = layer.sparsity
         if spec.method == "dense" or spec.m > 4 or layer.packed is not None:
             continue
-        groups = -(-layer.in_features // spec.m // 32) * 32
-        itemsize = jnp.dtype(dtype or jnp.float32).itemsize
-        packed_bytes = spec.n * groups * layer.out_features * (itemsize + 0.25)
-        if packed_bytes >= layer.in_features * layer.out_features * itemsize:
+        dense = jax.ShapeDtypeStruct(layer.kernel.shape, dtype or layer.kernel.dtype)
+        shapes = jax.eval_shape(lambda w, s=spec: pack_nm(w, s.n, s.m, prune=True), dense)
+        packed_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+        if packed_bytes >= dense.size * dense.dtype.itemsize:
             continue
         layer.pack(dtype)
         packed.append("/".join(str(p) for p in path))
