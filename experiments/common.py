@@ -15,8 +15,9 @@ from flax import nnx
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sparsejax.config import load_config
+from sparsejax.nn import mask_training_options
 from sparsejax.tasks import build_task
-from sparsejax.train import init_model, make_optimizer, make_train_step
+from sparsejax.train import build_optimizer, init_model, make_train_step
 
 
 def scalar_events(run_dir: str | Path) -> dict[str, list]:
@@ -65,10 +66,12 @@ def compiled_step(config: str, overrides: list[str]):
     initial state and 8 training batches: ``[compiled, state, batches]``."""
     cfg = load_config(config, overrides)
     task = build_task(cfg)
-    graphdef, params, rest = nnx.split(init_model(cfg), nnx.Param, ...)
-    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
+    model = init_model(cfg)
+    tx, _ = build_optimizer(cfg, model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     state = [params, rest, tx.init(params), jax.random.key_data(jax.random.key(0))]
-    step = jax.jit(make_train_step(graphdef, task, tx, use_dropout=False))
+    step = jax.jit(make_train_step(graphdef, task, tx, use_dropout=False,
+                                   freeze_weights=mask_training_options(model)[0]))
     batches = [task.train_batch(i) for i in range(8)]
     compiled = step.lower(*state, batches[0], np.int32(0)).compile()
     return compiled, state, batches

@@ -56,14 +56,12 @@ class Loaded:
 def load_checkpoint(path: str | Path, step: int | None = None) -> Loaded:
     """Restore a run directory (latest checkpoint, or ``step``) or a checkpoint directory
     ``<run>/checkpoints/<step>``. Raises :class:`CompareError` (one line)."""
-    from sparsejax.train import load_model
+    from sparsejax.train import load_model, resolve_checkpoint
 
     path = Path(path)
     if not path.exists():
         raise CompareError(f"checkpoint not found: {path}")
-    run_dir = path
-    if path.parent.name == "checkpoints" and path.name.isdigit():
-        run_dir, step = path.parent.parent, int(path.name)
+    run_dir, step = resolve_checkpoint(path, step)
     try:
         model, cfg, step = load_model(run_dir, step)
     except ConfigError as err:

@@ -28,6 +28,7 @@ from omegaconf import errors as oc_errors
 from sparsejax.quant import FP8_FORMATS, QUANT_METHODS, QuantSpec
 from sparsejax.sparsity import KERNELS as SPARSITY_KERNELS
 from sparsejax.sparsity import METHODS as SPARSITY_METHODS
+from sparsejax.sparsity import NMSpec
 
 __all__ = [
     "CheckpointConfig",
@@ -115,6 +116,9 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 200
     eval_batches: int = 8
+    # Start from the parameters of another run (its run dir: latest checkpoint, or
+    # <run>/checkpoints/<step>) before the rules apply, e.g. to sparsify a dense model.
+    init_from: str | None = None
 
 
 @dataclass
@@ -135,13 +139,26 @@ class CheckpointConfig:
 class SparsityConfig:
     """N:M sparsity of the matched linear layers (METHODS.md sections 1-2)."""
 
-    method: str = "sste"  # one of sparsejax.sparsity.METHODS: dense | ste | sr_ste | sste
+    method: str = "sste"  # sparsejax.sparsity.METHODS: dense | ste | sr_ste | sste | maskllm
     n: int = 2
     m: int = 4
     mvue: bool = False  # 2:4 MVUE of dZ for the weight gradient (S-STE's backward)
     fp8: bool = False  # simulate FP8 operands (E4M3 forward, E5M2 backward)
     decay: float = 2e-4  # SR-STE lambda_W (ignored by the other methods)
     kernel: str = "xla"  # xla (masked dense matmul) | pallas (packed 2:4 kernel, m <= 4)
+    # MaskLLM (learned masks, METHODS.md 2); linear schedules over schedule_steps
+    # (0 = train.steps): Gumbel temperature, logit scale, regulariser weight -> 0.
+    tau_start: float = 4.0
+    tau_end: float = 0.05
+    kappa_start: float = 100.0
+    kappa_end: float = 500.0
+    reg_start: float = 1e-5
+    schedule_steps: int = 0
+    logit_std: float = 0.01  # logits start N(0, logit_std) ...
+    prior: str = "magnitude"  # ... biased to the magnitude mask (magnitude | none)
+    prior_strength: float = 3.0
+    freeze_weights: bool = False  # train the mask logits only (the paper's mask-only mode)
+    mask_lr_mult: float = 1.0  # the logits' learning rate = optimizer.lr * mask_lr_mult
 
 
 @dataclass
@@ -400,9 +417,13 @@ def validate(cfg: Config) -> None:
             _require(sp.decay >= 0, f"{key}.decay", f"must be >= 0, got {sp.decay}")
             _require(sp.kernel in SPARSITY_KERNELS, f"{key}.kernel",
                      f"'{sp.kernel}' is not one of {'|'.join(SPARSITY_KERNELS)}")
-            _require(sp.kernel != "pallas" or (sp.m <= 4 and sp.method != "dense"),
-                     f"{key}.kernel", f"pallas needs a sparse method and m <= 4, got "
-                     f"{sp.method} {sp.n}:{sp.m}")
+            try:
+                NMSpec(**dataclasses.asdict(sp))
+            except ValueError as err:  # the field named first in the message is the culprit
+                found = [(hit.start(), f.name) for f in dataclasses.fields(SparsityConfig)
+                         if (hit := re.search(rf"\b{f.name}\b", str(err)))]
+                name = min(found)[1] if found else "method"
+                raise ConfigError(f"bad value for '{key}.{name}': {err}") from None
         for tensor in ("weights", "activations"):
             qc = getattr(rule.quant, tensor) if rule.quant is not None else None
             if qc is not None:
@@ -412,6 +433,16 @@ def validate(cfg: Config) -> None:
             _require(not rule.quant.weights.affine, f"rules.{i}.quant.weights.affine",
                      "affine DAT would fill the pruned zeros of a sparse layer; set "
                      "affine: false (the linear form, METHODS.md 3.6)")
+
+
+    masked = [(i, r.sparsity) for i, r in enumerate(cfg.rules)
+              if r.sparsity is not None and r.sparsity.method == "maskllm"]
+    for i, sp in masked[1:]:
+        first = masked[0][1]
+        for name in ("freeze_weights", "mask_lr_mult"):
+            _require(getattr(sp, name) == getattr(first, name), f"rules.{i}.sparsity.{name}",
+                     f"{getattr(sp, name)} differs from rules.{masked[0][0]}: it applies to "
+                     "the whole optimiser")
 
 
 def _validate_quant(qc: QuantConfig, key: str) -> None:

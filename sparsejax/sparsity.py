@@ -4,7 +4,8 @@ Pure functions of arrays (jit / vmap / grad safe, any float dtype). ``axis`` is 
 contracting (input) axis of the matmul that consumes the tensor - axis 0 of a Flax
 ``(in, out)`` kernel - and a *group* is ``m`` consecutive entries along it.
 Formulas: ``../shared/docs/METHODS.md`` sections 1-2 (S-STE, Hu, Zhu, Chen, NeurIPS 2024;
-SR-STE, Zhou et al., ICLR 2021; MVUE, Chmiel et al., ICLR 2023).
+SR-STE, Zhou et al., ICLR 2021; MVUE, Chmiel et al., ICLR 2023; MaskLLM, Fang et al.,
+NeurIPS 2024).
 
 All of this is *simulated* sparsity: the effective weight is a dense array with zeros, so
 it saves no FLOPs or memory by itself; the packed 2:4 kernel (``sparsejax.kernels``) is
@@ -14,18 +15,28 @@ where savings come from.
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "KERNELS",
     "METHODS",
     "NMSpec",
+    "argmax_nm_mask",
+    "candidate_masks",
     "check_nm",
     "effective_weight",
     "flip_rate",
+    "gumbel_nm_mask",
+    "init_mask_logits",
+    "linear_schedule",
+    "mask_entropy",
+    "mask_logits_shape",
     "mvue24",
     "nm_mask",
     "soft_threshold",
@@ -36,7 +47,8 @@ __all__ = [
     "threshold_nm",
 ]
 
-METHODS = ("dense", "ste", "sr_ste", "sste")
+METHODS = ("dense", "ste", "sr_ste", "sste", "maskllm")
+MASK_PRIORS = ("magnitude", "none")
 KERNELS = ("xla", "pallas")
 
 
@@ -44,11 +56,20 @@ KERNELS = ("xla", "pallas")
 class NMSpec:
     """How one linear layer is sparsified (hashable: it is static model metadata).
 
-    method: ``dense`` | ``ste`` | ``sr_ste`` | ``sste``; ``n`` of every ``m`` kept along the
-    contracting axis; ``mvue``: sparsify the output gradient 2:4 along tokens for the weight
-    gradient; ``fp8``: simulate FP8 operands; ``decay``: SR-STE's lambda_W; ``kernel``:
-    ``xla`` (dense matmul with zeros) or ``pallas`` (forward and input-gradient GEMMs on the
-    packed weight, ``sparsejax.kernels.nm_matmul``; needs ``m <= 4``).
+    method: ``dense`` | ``ste`` | ``sr_ste`` | ``sste`` | ``maskllm``; ``n`` of every ``m``
+    kept along the contracting axis; ``mvue``: sparsify the output gradient 2:4 along
+    tokens for the weight gradient; ``fp8``: simulate FP8 operands; ``decay``: SR-STE's
+    lambda_W; ``kernel``: ``xla`` (dense matmul with zeros) or ``pallas`` (forward and
+    input-gradient GEMMs on the packed weight, ``sparsejax.kernels.nm_matmul``; needs
+    ``m <= 4``).
+
+    MaskLLM (METHODS.md 2) only: Gumbel-softmax temperature ``tau_start -> tau_end`` and
+    logit scale ``kappa_start -> kappa_end``, regulariser weight ``reg_start -> 0``, all
+    linear over ``schedule_steps`` training calls (0: the run's ``train.steps``); the
+    logits start N(0, ``logit_std``) plus, with ``prior: magnitude``, ``prior_strength``
+    times that std per kept position shared with the magnitude mask; ``freeze_weights``:
+    the optimiser trains the mask logits only (the paper's mask-only mode);
+    ``mask_lr_mult``: the logits' learning rate relative to ``optimizer.lr``.
     """
 
     method: str = "sste"
@@ -58,6 +79,17 @@ class NMSpec:
     fp8: bool = False
     decay: float = 2e-4
     kernel: str = "xla"
+    tau_start: float = 4.0
+    tau_end: float = 0.05
+    kappa_start: float = 100.0
+    kappa_end: float = 500.0
+    reg_start: float = 1e-5
+    schedule_steps: int = 0
+    logit_std: float = 0.01
+    prior: str = "magnitude"
+    prior_strength: float = 3.0
+    freeze_weights: bool = False
+    mask_lr_mult: float = 1.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -68,9 +100,22 @@ class NMSpec:
             raise ValueError(f"SR-STE decay must be >= 0, got {self.decay}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel '{self.kernel}' is not one of {'|'.join(KERNELS)}")
-        if self.kernel == "pallas" and (self.m > 4 or self.method == "dense"):
-            raise ValueError(f"kernel 'pallas' needs a sparse method and m <= 4, got "
-                             f"{self.method} {self.n}:{self.m}")
+        if self.kernel == "pallas" and (self.m > 4 or self.method in ("dense", "maskllm")):
+            raise ValueError(f"kernel 'pallas' needs a hard-masked method (ste|sr_ste|sste) "
+                             f"and m <= 4, got {self.method} {self.n}:{self.m}")
+        if self.method == "maskllm":
+            for name in ("mvue", "fp8"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} is not supported with maskllm (its training "
+                                     "weight is soft-masked, not N:M)")
+            for name in ("tau_start", "tau_end", "kappa_start", "kappa_end", "mask_lr_mult"):
+                if not getattr(self, name) > 0:
+                    raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            for name in ("reg_start", "logit_std", "prior_strength", "schedule_steps"):
+                if getattr(self, name) < 0:
+                    raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if self.prior not in MASK_PRIORS:
+                raise ValueError(f"prior '{self.prior}' is not one of {'|'.join(MASK_PRIORS)}")
 
 
 def check_nm(shape: tuple[int, ...], n: int, m: int, axis: int) -> int:
@@ -211,6 +256,8 @@ def effective_weight(w: jax.Array, spec: NMSpec, beta: jax.Array | None = None,
         return ste(w, spec.n, spec.m, axis)
     if spec.method == "sr_ste":
         return sr_ste(w, spec.n, spec.m, axis, spec.decay)
+    if spec.method == "maskllm":
+        raise ValueError("MaskLLM's weight depends on its mask logits (see gumbel_nm_mask)")
     if beta is None:
         raise ValueError("S-STE needs its frozen scale beta (see sste_scale)")
     return sste(w, beta, spec.n, spec.m, axis)
@@ -220,6 +267,108 @@ def flip_rate(before: jax.Array, after: jax.Array, n: int = 2, m: int = 4, axis:
               ) -> jax.Array:
     """Fraction of mask entries that differ between the N:M masks of two weights."""
     return jnp.mean(nm_mask(before, n, m, axis) != nm_mask(after, n, m, axis))
+
+
+# ----------------------------------------------------------------- MaskLLM
+
+
+@functools.cache
+def _candidates(n: int, m: int) -> np.ndarray:
+    rows = [[1.0 if i in kept else 0.0 for i in range(m)]
+            for kept in itertools.combinations(range(m), n)]
+    return np.asarray(rows, np.float32)
+
+
+def candidate_masks(n: int = 2, m: int = 4) -> np.ndarray:
+    """All ``C(m, n)`` N:M patterns of one group, ``(C, m)`` float32 of 0/1, in
+    lexicographic order of the kept positions (2:4: ``1100, 1010, 1001, 0110, 0101,
+    0011``)."""
+    if not 1 <= n < m:
+        raise ValueError(f"N:M pattern {n}:{m} needs 1 <= n < m")
+    return _candidates(n, m).copy()
+
+
+def mask_logits_shape(shape: tuple[int, ...], n: int = 2, m: int = 4, axis: int = 0
+                      ) -> tuple[int, ...]:
+    """Shape of MaskLLM's logits for a weight of ``shape``: the other axes in order, then
+    the group index along ``axis``, then the ``C(m, n)`` candidates. A Flax kernel
+    ``(in, out)`` with ``axis=0`` has logits ``(out, in // m, C)``."""
+    axis = check_nm(shape, n, m, axis)
+    rest = [d for i, d in enumerate(shape) if i != axis]
+    return (*rest, shape[axis] // m, math.comb(m, n))
+
+
+def _mask_from_probs(probs: jax.Array, n: int, m: int, axis: int) -> jax.Array:
+    """``(..., G, C)`` candidate weights -> the mixed mask in the weight's layout."""
+    return _ungrouped(probs @ jnp.asarray(_candidates(n, m)), axis)
+
+
+def gumbel_nm_mask(logits: jax.Array, key: jax.Array, tau: float | jax.Array,
+                   kappa: float | jax.Array, *, n: int = 2, m: int = 4, axis: int = 0,
+                   hard: bool = False) -> jax.Array:
+    """MaskLLM's differentiable training mask (METHODS.md 2; Fang et al. 2024, eq. 3-4).
+
+    Per group ``y = softmax((kappa * logits + g) / tau)`` with Gumbel noise ``g`` drawn
+    from ``key``, and the mask is the mixture ``sum_i y_i * candidate_i``. ``logits``:
+    :func:`mask_logits_shape` of the weight; the result has the weight's layout (``axis``
+    = the group axis), float32, values in [0, 1] with group sums exactly ``n``.
+    ``hard=True``: the forward uses the one-hot of the sampled candidate (a valid N:M
+    mask), the gradient is the soft one (straight-through Gumbel-softmax).
+    """
+    logits = logits.astype(jnp.float32)
+    noise = jax.random.gumbel(key, logits.shape, jnp.float32)
+    probs = jax.nn.softmax((kappa * logits + noise) / tau, axis=-1)
+    if hard:
+        one_hot = jax.nn.one_hot(jnp.argmax(probs, -1), probs.shape[-1], dtype=probs.dtype)
+        probs = probs + jax.lax.stop_gradient(one_hot - probs)
+    return _mask_from_probs(probs, n, m, axis)
+
+
+def argmax_nm_mask(logits: jax.Array, n: int = 2, m: int = 4, axis: int = 0) -> jax.Array:
+    """MaskLLM's inference mask: the most likely candidate of every group, float32 0/1 in
+    the weight's layout (exactly ``n`` ones per group; no gradient)."""
+    logits = jax.lax.stop_gradient(logits)
+    one_hot = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
+    return _mask_from_probs(one_hot, n, m, axis)
+
+
+def init_mask_logits(key: jax.Array, w: jax.Array, n: int = 2, m: int = 4, axis: int = 0,
+                     std: float = 0.01, prior: str = "magnitude",
+                     prior_strength: float = 3.0) -> jax.Array:
+    """Initial MaskLLM logits for weight ``w``: ``N(0, std)``, plus with
+    ``prior="magnitude"`` a bias towards the magnitude (top-n) mask ``M0`` of ``w``:
+    ``logits_i += prior_strength * std * <candidate_i, M0>``, where the inner product counts
+    the kept positions candidate i shares with the prior (0..n). Our reading of the paper's
+    prior rule (logits shifted by the prior similarity in units of the logits' spread; not
+    checked against the reference code). With the defaults (strength 3) and ``kappa = 100``
+    the prior candidate starts ``exp(6)`` times more likely than a disjoint one and
+    ``exp(3)`` than a neighbour; the argmax is the magnitude mask in ~97% of 2:4 groups
+    (all of them from strength ~10). Returns float32 of :func:`mask_logits_shape`."""
+    shape = mask_logits_shape(w.shape, n, m, axis)
+    logits = std * jax.random.normal(key, shape, jnp.float32)
+    if prior == "none":
+        return logits
+    if prior != "magnitude":
+        raise ValueError(f"prior '{prior}' is not one of {'|'.join(MASK_PRIORS)}")
+    axis = check_nm(w.shape, n, m, axis)
+    m0 = _grouped(nm_mask(w, n, m, axis).astype(jnp.float32), m, axis)  # (..., G, m)
+    similarity = m0 @ jnp.asarray(_candidates(n, m)).T  # (..., G, C)
+    return logits + prior_strength * std * similarity
+
+
+def mask_entropy(logits: jax.Array, kappa: float | jax.Array) -> jax.Array:
+    """Mean entropy (nats) of the candidate distributions ``softmax(kappa * logits)`` over
+    all groups; ``log C(m, n)`` when undecided, 0 when every group is certain."""
+    logp = jax.nn.log_softmax(kappa * logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.sum(jnp.exp(logp) * logp, axis=-1))
+
+
+def linear_schedule(start: float, end: float, step: jax.Array | int, total: int
+                    ) -> jax.Array:
+    """``start`` at step 0 to ``end`` at step ``total`` (held after), float32; MaskLLM's
+    tau, kappa and regulariser schedules."""
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(total, 1), 0.0, 1.0)
+    return jnp.float32(start) + (jnp.float32(end) - jnp.float32(start)) * frac
 
 
 # ----------------------------------------------------------------- MVUE

@@ -39,12 +39,20 @@ from sparsejax.config import (
     to_flat_dict,
     to_yaml,
 )
-from sparsejax.nn import apply_rules, layer_metrics
+from sparsejax.nn import (
+    apply_rules,
+    layer_metrics,
+    mask_choice_changes,
+    mask_choices,
+    mask_layers,
+    mask_training_options,
+    regularization_loss,
+)
 from sparsejax.reporting import Progress, TensorBoardWriter, format_table
 from sparsejax.tasks import Task, build_model, build_task
 
 __all__ = ["NonFiniteLossError", "RunDirError", "TrainState", "init_model", "load_model",
-           "make_optimizer", "make_train_step", "run"]
+           "make_optimizer", "make_train_step", "resolve_checkpoint", "run"]
 
 # Keys that may change between a run and its resumption without changing what it computes.
 RESUMABLE_KEYS = ("logging.log_every", "logging.progress", "logging.tensorboard",
@@ -76,26 +84,58 @@ class TrainState:
 # --------------------------------------------------------------------------- building blocks
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int
+def _is_mask_logit(path: tuple[Any, ...]) -> bool:
+    return any(getattr(k, "key", None) == "mask_logits" for k in path)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, params: nnx.State | None = None,
+                   *, mask_lr_mult: float = 1.0, freeze_weights: bool = False
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with linear warm-up to ``lr`` then cosine decay to ``lr * min_lr_ratio``,
-    global-norm gradient clipping, and weight decay on matrices only (ndim >= 2)."""
+    global-norm gradient clipping, and weight decay on matrices only (ndim >= 2).
+
+    When ``params`` holds MaskLLM logits (:class:`~sparsejax.nn.MaskLogits`), they get
+    their own AdamW with the learning rate scaled by ``mask_lr_mult`` and no weight decay;
+    with ``freeze_weights`` every other parameter is frozen (no update, no optimiser state).
+    Returns ``(optimizer, schedule of the base learning rate)``."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
         decay_steps=total_steps, end_value=cfg.lr * cfg.min_lr_ratio)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
+    has_logits = params is not None and any(
+        _is_mask_logit(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
+    if has_logits:
+        logit_adam = optax.adam(lambda step: schedule(step) * mask_lr_mult, b1=cfg.b1,
+                                b2=cfg.b2, eps=cfg.eps)
+        weights = optax.set_to_zero() if freeze_weights else adamw
+        labels = jax.tree_util.tree_map_with_path(
+            lambda path, _: "mask_logits" if _is_mask_logit(path) else "weights", params)
+        adamw = optax.multi_transform({"mask_logits": logit_adam, "weights": weights}, labels)
     if cfg.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw), schedule
     return adamw, schedule
 
 
+def build_optimizer(cfg: Config, model: nnx.Module
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """:func:`make_optimizer` for ``cfg`` and the parameters of ``model`` (after rules)."""
+    freeze, mult = mask_training_options(model)
+    return make_optimizer(cfg.optimizer, cfg.train.steps, nnx.state(model, nnx.Param),
+                          mask_lr_mult=mult, freeze_weights=freeze)
+
+
 def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransformation,
-                    use_dropout: bool):
+                    use_dropout: bool, freeze_weights: bool = False):
     """The pure train step ``(params, rest, opt_state, rng, batch, step) ->
     (params, rest, opt_state, metrics)``; ``metrics['finite']`` is False when the loss,
-    the gradient or the updated parameters hold a NaN/Inf."""
+    the gradient or the updated parameters hold a NaN/Inf.
+
+    The differentiated objective is the task loss plus the layers' regularisers
+    (:func:`~sparsejax.nn.regularization_loss`; ``metrics['loss']`` is the task loss
+    alone). ``freeze_weights``: only MaskLLM logits get a gradient (the others' are zeroed
+    before clipping, so XLA drops their weight-gradient GEMMs)."""
 
     def train_step(params, rest, opt_state, rng, batch, step):
         key = jax.random.fold_in(jax.random.wrap_key_data(rng), step) if use_dropout else None
@@ -105,9 +145,15 @@ def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransf
             # grad trace, which NNX only allows on variables created in that trace.
             model = nnx.merge(graphdef, p, rest, copy=True)
             loss, aux = task.loss(model, batch, key)
-            return loss, (aux, nnx.split(model, nnx.Param, ...)[2])
+            if mask_layers(model):
+                aux = {**aux, "regularizer": regularization_loss(model)}
+                return loss + aux["regularizer"], (loss, aux, nnx.split(model, nnx.Param, ...)[2])
+            return loss, (loss, aux, nnx.split(model, nnx.Param, ...)[2])
 
-        (loss, (aux, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        (_, (loss, aux, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        if freeze_weights:
+            grads = jax.tree_util.tree_map_with_path(
+                lambda path, g: g if _is_mask_logit(path) else jnp.zeros_like(g), grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         old_params, params = params, optax.apply_updates(params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -124,7 +170,9 @@ def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransf
 
 def make_eval_step(graphdef: nnx.GraphDef, task: Task):
     def eval_step(params, rest, batch):
-        return task.eval_sums(nnx.merge(graphdef, params, rest, copy=True), batch)
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        model.eval()  # inference form of stochastic transforms (MaskLLM: argmax masks)
+        return task.eval_sums(model, batch)
 
     return eval_step
 
@@ -137,12 +185,55 @@ def evaluate(eval_step, state: TrainState, task: Task) -> dict[str, float]:
     return {k: float(v) for k, v in task.finish_eval(sums).items()}
 
 
-def init_model(cfg: Config) -> nnx.Module:
-    """The initial model of ``cfg``: built from the seed, then configured by its rules.
-    Raises :class:`ConfigError` when a rule cannot apply."""
+def resolve_checkpoint(path: str | Path, step: int | None = None
+                       ) -> tuple[Path, int | None]:
+    """``(run_dir, step)`` of a run directory (``step`` as given: None = latest) or of a
+    checkpoint directory ``<run>/checkpoints/<step>``."""
+    path = Path(path)
+    if path.parent.name == "checkpoints" and path.name.isdigit():
+        return path.parent.parent, int(path.name)
+    return path, step
+
+
+def load_params_into(model: nnx.Module, source: nnx.Module, origin: str) -> list[str]:
+    """Copy, in place, every parameter of ``source`` into the parameter of ``model`` at the
+    same path. Parameters ``source`` lacks keep their values only when they are MaskLLM
+    logits (new state of the target's rules); any other missing path or shape mismatch
+    raises :class:`ConfigError` naming it. Returns the copied paths."""
+    target = nnx.state(model, nnx.Param)
+    loaded = dict(jax.tree_util.tree_leaves_with_path(nnx.state(source, nnx.Param)))
+    copied, values = [], []
+    for path, value in jax.tree_util.tree_leaves_with_path(target):
+        name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+        if path not in loaded:
+            if not _is_mask_logit(path):
+                raise ConfigError(f"train.init_from {origin} has no parameter {name}")
+            values.append(value)
+            continue
+        if loaded[path].shape != value.shape:
+            raise ConfigError(f"train.init_from {origin}: parameter {name} has shape "
+                              f"{tuple(loaded[path].shape)}, this model {tuple(value.shape)}")
+        values.append(loaded[path])
+        copied.append(name)
+    nnx.update(model, jax.tree.unflatten(jax.tree.structure(target), values))
+    return copied
+
+
+def init_model(cfg: Config, load_init: bool = True) -> nnx.Module:
+    """The initial model of ``cfg``: built from the seed, its parameters replaced by those
+    of ``train.init_from`` when set (and ``load_init``), then configured by its rules (so
+    S-STE's beta and MaskLLM's prior see the loaded weights). Raises :class:`ConfigError`
+    when a rule cannot apply or the init checkpoint does not fit."""
     model = build_model(cfg, nnx.Rngs(params=cfg.train.seed))
+    if cfg.train.init_from and load_init:
+        run_dir, step = resolve_checkpoint(cfg.train.init_from)
+        try:
+            source, _, _ = load_model(run_dir, step)
+        except ConfigError as err:
+            raise ConfigError(f"train.init_from: {err}") from None
+        load_params_into(model, source, str(cfg.train.init_from))
     try:
-        apply_rules(model, cfg.rules)
+        apply_rules(model, cfg.rules, total_steps=cfg.train.steps)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return model
@@ -152,14 +243,15 @@ def load_model(run_dir: str | Path, step: int | None = None) -> tuple[nnx.Module
     """Rebuild the model of a run directory from its checkpoint (latest, or ``step``).
 
     Returns ``(model, config, step)``; the model holds the trained parameters and the
-    non-trainable state (e.g. S-STE's beta) exactly as saved.
+    non-trainable state (e.g. S-STE's beta) exactly as saved, in training mode (call
+    ``model.eval()`` for inference: MaskLLM layers then use their argmax masks).
     """
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise RunDirError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = read_saved_config(config_file)
-    model = init_model(cfg)
+    model = init_model(cfg, load_init=False)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
     try:
@@ -167,7 +259,7 @@ def load_model(run_dir: str | Path, step: int | None = None) -> tuple[nnx.Module
         if step is None or step not in ckpt.all_steps():
             raise RunDirError(f"{run_dir}: no checkpoint at step {step} "
                               f"(have {ckpt.all_steps()})")
-        tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
+        tx, _ = build_optimizer(cfg, model)
         target = TrainState(params, rest, tx.init(params),
                             jax.random.key_data(jax.random.key(0))).as_dict()
         state, _ = ckpt.restore(step, target)
@@ -243,9 +335,13 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise ConfigError(f"data: {err}") from None
 
-    model = init_model(cfg)
+    checkpoints = run_dir / "checkpoints"
+    has_checkpoint = resuming and checkpoints.is_dir() and any(
+        p.name.isdigit() for p in checkpoints.iterdir())
+    model = init_model(cfg, load_init=not has_checkpoint)
+    freeze_weights, _ = mask_training_options(model)
+    tx, schedule = build_optimizer(cfg, model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
     state = TrainState(params=params, rest=rest, opt_state=tx.init(params),
                        rng=jax.random.key_data(jax.random.key(cfg.train.seed)))
 
@@ -278,8 +374,11 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
                                  [f"val/{k}" for k in task.eval_metric_names])
 
     use_dropout = cfg.model.dropout > 0
-    train_step = jax.jit(make_train_step(graphdef, task, tx, use_dropout))
+    train_step = jax.jit(make_train_step(graphdef, task, tx, use_dropout, freeze_weights))
     eval_step = jax.jit(make_eval_step(graphdef, task))
+    # MaskLLM: which candidate each group would pick, compared between log points.
+    choices_of = jax.jit(lambda p, r: mask_choices(nnx.merge(graphdef, p, r)))
+    last_choices = choices_of(state.params, state.rest)
     info = task.summary()
     items = task.items_per_batch
     rate_key = f"throughput/{task.item_name}_per_sec"
@@ -338,6 +437,10 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
             train_items += interval_steps * items
             scalars = {**last_train, "train/lr": float(schedule(step)),
                        rate_key: interval_steps * items / seconds}
+            if last_choices:
+                choices = choices_of(state.params, state.rest)
+                scalars.update(mask_choice_changes(last_choices, choices))
+                last_choices = choices
             if "train/loss" in scalars and task.item_name == "tokens":
                 scalars[f"train/{task.bits_name}"] = scalars["train/loss"] / math.log(2)
             pending.clear()

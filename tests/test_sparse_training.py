@@ -71,8 +71,10 @@ def test_dense_run_logs_no_sparsity_metrics(tiny_gpt, tmp_path):
     assert not [t for t in acc.Tags()["scalars"] if t.startswith("sparsity/")]
 
 
-def test_resumed_sparse_mvue_run_is_bitwise_identical(tiny_gpt, tmp_path):
-    args = (rule("sste", mvue=True), "train.steps=20", "checkpoint.every=10")
+@pytest.mark.parametrize("method, mvue", [("sste", True), ("maskllm", False)])
+def test_resumed_stochastic_sparse_run_is_bitwise_identical(tiny_gpt, tmp_path, method, mvue):
+    # MVUE draws and MaskLLM's Gumbel draws and schedules are keyed by checkpointed counters
+    args = (rule(method, mvue=mvue), "train.steps=20", "checkpoint.every=10")
     run(tiny_gpt(*args, run_dir=tmp_path / "a"), verbose=False)
     run(tiny_gpt(*args, run_dir=tmp_path / "b"), verbose=False)
     # Lose the end of run b as a crash would: resume from step 10.

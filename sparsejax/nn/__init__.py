@@ -5,10 +5,12 @@ by its module path and give it a transform without touching model code.
 """
 
 from sparsejax.nn.layers import (
+    MASK_STAT_NAMES,
     Embed,
     LayerNorm,
     Linear,
     LSQQuantizer,
+    MaskLogits,
     PackedState,
     QuantState,
     SparsityState,
@@ -19,13 +21,19 @@ from sparsejax.nn.rules import (
     apply_rules,
     assign_rules,
     layer_metrics,
+    mask_choice_changes,
+    mask_choices,
+    mask_layers,
+    mask_training_options,
     named_layers,
     quant_metrics,
     quantized_layers,
+    regularization_loss,
     sparse_layers,
 )
 
-__all__ = ["Embed", "LSQQuantizer", "LayerNorm", "Linear", "PackedState", "QuantState",
-           "SparsityState", "apply_rules", "assign_rules", "dropout", "layer_metrics",
-           "named_layers", "pack_model",
-           "quant_metrics", "quantized_layers", "sparse_layers"]
+__all__ = ["MASK_STAT_NAMES", "Embed", "LSQQuantizer", "LayerNorm", "Linear", "MaskLogits",
+           "PackedState", "QuantState", "SparsityState", "apply_rules", "assign_rules",
+           "dropout", "layer_metrics", "mask_choice_changes", "mask_choices", "mask_layers",
+           "mask_training_options", "named_layers", "pack_model", "quant_metrics",
+           "quantized_layers", "regularization_loss", "sparse_layers"]

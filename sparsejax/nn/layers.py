@@ -22,15 +22,37 @@ from sparsejax.quant import (
     quantize_with_stats,
 )
 from sparsejax.sparse_linear import nm_linear
-from sparsejax.sparsity import NMSpec, check_nm, effective_weight, sste_scale
+from sparsejax.sparsity import (
+    NMSpec,
+    argmax_nm_mask,
+    check_nm,
+    effective_weight,
+    gumbel_nm_mask,
+    init_mask_logits,
+    linear_schedule,
+    mask_entropy,
+    sste_scale,
+)
 
-__all__ = ["Embed", "LSQQuantizer", "LayerNorm", "Linear", "PackedState", "QuantState",
-           "SparsityState", "dropout", "pack_model"]
+__all__ = ["MASK_STAT_NAMES", "Embed", "LSQQuantizer", "LayerNorm", "Linear", "MaskLogits",
+           "PackedState", "QuantState", "SparsityState", "dropout", "pack_model"]
+
+# What a MaskLLM layer records about its last training call (``Linear.mask_stats``): the
+# regulariser term it adds to the loss (``-lambda * sum (W * M)^2``, with its gradient
+# inside the training trace), the mean candidate entropy, the mean |soft - hard| mask gap,
+# and the scheduled tau and kappa.
+MASK_STAT_NAMES = ("regularizer", "entropy", "soft_hard_gap", "tau", "kappa")
 
 
 class SparsityState(nnx.Variable):
     """Non-trainable state of a sparse layer (S-STE's frozen beta, the MVUE draw counter):
     saved in checkpoints with the rest of the model, never touched by the optimiser."""
+
+
+class MaskLogits(nnx.Param):
+    """MaskLLM's per-group candidate logits: trained (a ``Param``), but a collection of
+    their own, so the optimiser can give them their own learning rate, leave them out of
+    weight decay, or train them alone (``freeze_weights``)."""
 
 
 class PackedState(nnx.Variable):
@@ -86,7 +108,8 @@ class Linear(nnx.Module):
 
     * :meth:`set_sparsity` gives it an :class:`~sparsejax.sparsity.NMSpec`; it then
       multiplies by the method's effective weight through
-      :func:`~sparsejax.sparse_linear.nm_linear`;
+      :func:`~sparsejax.sparse_linear.nm_linear` (MaskLLM: by ``W * M`` with a
+      Gumbel-softmax mask ``M`` in training, the argmax N:M mask in evaluation);
     * :meth:`set_quant` quantises its weights and/or its input activations
       (:class:`~sparsejax.quant.QuantSpec`, blocks along ``in``). With both, the weight is
       pruned first, then quantised.
@@ -97,6 +120,9 @@ class Linear(nnx.Module):
       kernel_init: initialiser of ``W``.
       dtype: compute dtype; ``None`` keeps the input's dtype.
       rngs: the ``nnx.Rngs`` that draws the initial weights.
+
+    ``deterministic`` (set by ``model.eval()`` / ``model.train()``) switches stochastic
+    training transforms (MaskLLM's sampled masks) to their inference form.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
@@ -117,16 +143,35 @@ class Linear(nnx.Module):
         self.weight_lsq: LSQQuantizer | None = nnx.data(None)
         self.act_lsq: LSQQuantizer | None = nnx.data(None)
         self.act_stats: QuantState | None = nnx.data(None)
+        self.mask_logits: MaskLogits | None = nnx.data(None)
+        self.mask_step: SparsityState | None = nnx.data(None)
+        self.mask_stats: SparsityState | None = nnx.data(None)
+        self.schedule_steps = 0
+        self.deterministic = False
 
-    def set_sparsity(self, spec: NMSpec, seed: int = 0) -> None:
+    def set_sparsity(self, spec: NMSpec, seed: int = 0, total_steps: int | None = None
+                     ) -> None:
         """Make this layer N:M sparse. S-STE's beta is fitted to the *current* kernel and
-        frozen (METHODS.md section 1); ``seed`` keys this layer's MVUE draws."""
+        frozen (METHODS.md section 1); ``seed`` keys this layer's MVUE draws and MaskLLM's
+        logit initialisation and Gumbel draws. MaskLLM's schedules run over
+        ``spec.schedule_steps`` training calls, or ``total_steps`` when that is 0; its
+        logits start from the *current* kernel's magnitude mask (``spec.prior``)."""
         check_nm(self.kernel.shape, spec.n, spec.m, axis=0)
         self.sparsity = spec
         self.beta = (SparsityState(sste_scale(self.kernel[...], spec.n, spec.m, 0))
                      if spec.method == "sste" else None)
         self.mvue_count = SparsityState(jnp.zeros((), jnp.uint32)) if spec.mvue else None
         self.mvue_seed = seed
+        self.mask_logits = self.mask_step = self.mask_stats = None
+        if spec.method == "maskllm":
+            self.schedule_steps = spec.schedule_steps or total_steps or 0
+            if self.schedule_steps <= 0:
+                raise ValueError("maskllm needs schedule_steps > 0 (or the run's train.steps)")
+            self.mask_logits = MaskLogits(init_mask_logits(
+                jax.random.key(seed), self.kernel[...], spec.n, spec.m, 0,
+                std=spec.logit_std, prior=spec.prior, prior_strength=spec.prior_strength))
+            self.mask_step = SparsityState(jnp.zeros((), jnp.uint32))
+            self.mask_stats = SparsityState(jnp.zeros((len(MASK_STAT_NAMES),), jnp.float32))
 
     def set_quant(self, weights: QuantSpec | None = None,
                   activations: QuantSpec | None = None) -> None:
@@ -151,19 +196,52 @@ class Linear(nnx.Module):
         self.act_stats = (QuantState(jnp.zeros((len(STAT_NAMES),), jnp.float32))
                           if activations is not None else None)
 
-    def effective_kernel_with_stats(self) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """The weight the matmul uses, shape ``(in, out)``, and the weight quantisation
-        diagnostics (empty without weight quantisation)."""
+    def _maskllm_training_weight(self, w: jax.Array) -> jax.Array:
+        """``W * M`` with this call's Gumbel-softmax mask (METHODS.md 2). Advances the
+        layer's call counter (the schedules' step and the Gumbel key, so a resumed run
+        draws the same masks) and records :data:`MASK_STAT_NAMES` in ``mask_stats``."""
+        spec, logits = self.sparsity, self.mask_logits[...]
+        step = self.mask_step[...]
+        tau = linear_schedule(spec.tau_start, spec.tau_end, step, self.schedule_steps)
+        kappa = linear_schedule(spec.kappa_start, spec.kappa_end, step, self.schedule_steps)
+        lam = linear_schedule(spec.reg_start, 0.0, step, self.schedule_steps)
+        key = jax.random.fold_in(jax.random.key(self.mvue_seed), step)
+        soft = gumbel_nm_mask(logits, key, tau, kappa, n=spec.n, m=spec.m, axis=0)
+        self.mask_step[...] = step + 1
+        w_eff = w * soft
+        hard = argmax_nm_mask(logits, spec.n, spec.m, 0)
+        gap = jnp.mean(jnp.abs(jax.lax.stop_gradient(soft) - hard))
+        self.mask_stats[...] = jnp.stack([
+            -lam * jnp.sum(jnp.square(w_eff)),
+            mask_entropy(jax.lax.stop_gradient(logits), kappa), gap, tau, kappa])
+        return w_eff
+
+    def _sparse_kernel(self, training: bool) -> jax.Array:
         w = self.kernel[...]
-        if self.sparsity is not None:
-            beta = None if self.beta is None else self.beta[...]
-            w = effective_weight(w, self.sparsity, beta, axis=0)
+        if self.sparsity is None:
+            return w
+        if self.sparsity.method == "maskllm":
+            if training:
+                return self._maskllm_training_weight(w)
+            return w * argmax_nm_mask(self.mask_logits[...], self.sparsity.n,
+                                      self.sparsity.m, 0)
+        beta = None if self.beta is None else self.beta[...]
+        return effective_weight(w, self.sparsity, beta, axis=0)
+
+    def effective_kernel_with_stats(self, training: bool = False
+                                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The weight the matmul uses, shape ``(in, out)``, and the weight quantisation
+        diagnostics (empty without weight quantisation). ``training=False`` gives the
+        inference weight (MaskLLM: the argmax mask); ``training=True`` is what a training
+        call multiplies by and may advance the layer's state."""
+        w = self._sparse_kernel(training)
         if self.weight_quant is None:
             return w, {}
         return _quantize(w, self.weight_quant, self.weight_lsq, axis=0)
 
     def effective_kernel(self) -> jax.Array:
-        """The weight the matmul uses, shape ``(in, out)``."""
+        """The inference weight, shape ``(in, out)`` (MaskLLM: ``W`` times its argmax
+        mask)."""
         return self.effective_kernel_with_stats()[0]
 
     def quantize_input(self, x: jax.Array) -> jax.Array:
@@ -189,6 +267,7 @@ class Linear(nnx.Module):
         self.packed_meta = PackedState(p.meta)
         self.kernel = nnx.data(None)
         self.beta = self.mvue_count = None
+        self.mask_logits = self.mask_step = self.mask_stats = None
         self.weight_quant = self.weight_lsq = None  # already applied to the packed values
 
     @property
@@ -205,10 +284,12 @@ class Linear(nnx.Module):
         """``x``: ``(..., in_features)`` -> ``(..., out_features)``."""
         dtype = self.dtype or x.dtype
         x = self.quantize_input(x.astype(dtype))
+        training = not self.deterministic
         if self.packed is not None:
             y = nm_matmul(x, self.packed)
-        elif self.sparsity is None:
-            y = jnp.matmul(x, self.effective_kernel().astype(dtype))
+        elif self.sparsity is None or self.sparsity.method == "maskllm":
+            w, _ = self.effective_kernel_with_stats(training)
+            y = jnp.matmul(x, w.astype(dtype))
         else:
             key = None
             if self.mvue_count is not None:  # a fresh key per call, resumable from state

@@ -17,14 +17,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from sparsejax.nn.layers import Linear
+from sparsejax.nn.layers import MASK_STAT_NAMES, Linear
 from sparsejax.quant import STAT_NAMES, QuantSpec
 from sparsejax.sparsity import NMSpec, flip_rate, threshold_nm
 
-__all__ = ["apply_rules", "assign_rules", "layer_metrics", "named_layers", "quant_metrics",
-           "quantized_layers", "sparse_layers"]
+__all__ = ["apply_rules", "assign_rules", "layer_metrics", "mask_choice_changes",
+           "mask_choices", "mask_layers", "mask_training_options", "named_layers",
+           "quant_metrics", "quantized_layers", "regularization_loss", "sparse_layers"]
 
 NEAR_THRESHOLD = 1e-3  # "within 1e-3 of the threshold" (issue: what researchers watch)
 
@@ -72,13 +74,15 @@ def _spec(cls: type, values: Any) -> Any:
     return cls(**{k: v for k, v in values.items() if k in fields})
 
 
-def apply_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
+def apply_rules(model: nnx.Module, rules: Sequence[Any], total_steps: int | None = None
+                ) -> dict[str, int]:
     """Configure, in place, every layer the rules select; returns ``{path: rule index}``.
 
     A rule's ``sparsity`` (an object or dict with the fields of ``NMSpec``) makes the
     matched ``Linear`` layers N:M sparse; its ``quant.weights`` / ``quant.activations``
-    (fields of ``QuantSpec``) quantise them, after the sparsity. Errors name the rule and
-    the layer.
+    (fields of ``QuantSpec``) quantise them, after the sparsity. ``total_steps``: the
+    length of MaskLLM's schedules when a rule leaves ``schedule_steps`` at 0. Errors name
+    the rule and the layer.
     """
     assignment = assign_rules(model, rules)
     layers = dict(named_layers(model))
@@ -87,7 +91,8 @@ def apply_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
         try:
             if sparsity is not None:
                 layers[path].set_sparsity(_spec(NMSpec, sparsity),
-                                          seed=zlib.crc32(path.encode()))
+                                          seed=zlib.crc32(path.encode()),
+                                          total_steps=total_steps)
             if quant is not None:
                 layers[path].set_quant(_spec(QuantSpec, _field(quant, "weights")),
                                        _spec(QuantSpec, _field(quant, "activations")))
@@ -99,6 +104,53 @@ def apply_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
 def sparse_layers(model: nnx.Module) -> list[tuple[str, Linear]]:
     return [(p, m) for p, m in named_layers(model)
             if m.sparsity is not None and m.sparsity.method != "dense"]
+
+
+def mask_layers(model: nnx.Module) -> list[tuple[str, Linear]]:
+    """The MaskLLM layers (learned N:M masks) of ``model``."""
+    return [(p, m) for p, m in sparse_layers(model) if m.mask_logits is not None]
+
+
+def regularization_loss(model: nnx.Module) -> jax.Array:
+    """The sum of the regulariser terms the layers recorded in their last training call
+    (MaskLLM: ``-lambda_t * sum (W * M)^2``); 0 without such layers. Called on the model
+    inside the loss function right after its forward, it carries the gradient."""
+    return sum((m.mask_stats[...][0] for _, m in mask_layers(model)), jnp.zeros(()))
+
+
+def mask_training_options(model: nnx.Module) -> tuple[bool, float]:
+    """``(freeze_weights, mask_lr_mult)`` of the model's MaskLLM layers (``(False, 1.0)``
+    without any). Raises ``ValueError`` when layers disagree (both options act on the
+    whole optimiser)."""
+    options = {(m.sparsity.freeze_weights, m.sparsity.mask_lr_mult)
+               for _, m in mask_layers(model)}
+    if len(options) > 1:
+        raise ValueError("maskllm rules disagree on freeze_weights / mask_lr_mult "
+                         f"({sorted(options)}); they apply to the whole optimiser")
+    return options.pop() if options else (False, 1.0)
+
+
+def mask_choices(model: nnx.Module) -> dict[str, jax.Array]:
+    """``{path: argmax candidate index per group}`` of every MaskLLM layer (int32,
+    the logits' shape without the candidate axis)."""
+    return {p: jnp.argmax(m.mask_logits[...], -1) for p, m in mask_layers(model)}
+
+
+def mask_choice_changes(before: dict[str, Any], after: dict[str, Any]
+                        ) -> dict[str, float]:
+    """``sparsity/<path>/mask_changed``: the fraction of groups whose argmax candidate
+    differs between two :func:`mask_choices` (e.g. the last two log points), plus the
+    size-weighted ``sparsity/mask_changed``."""
+    out: dict[str, float] = {}
+    total, count = 0.0, 0
+    for path, choice in after.items():
+        changed = float(np.mean(np.asarray(before[path]) != np.asarray(choice)))
+        out[f"sparsity/{path}/mask_changed"] = changed
+        total += changed * np.size(choice)
+        count += np.size(choice)
+    if count:
+        out["sparsity/mask_changed"] = total / count
+    return out
 
 
 def quantized_layers(model: nnx.Module) -> list[tuple[str, Linear]]:
@@ -145,7 +197,10 @@ def layer_metrics(before: nnx.Module, after: nnx.Module) -> dict[str, jax.Array]
     * ``flip_rate``: fraction of mask entries that changed in this step;
     * ``near_threshold``: fraction of weights whose magnitude lies within 1e-3 of their
       group's threshold tau, not counting the pruned entry that defines tau;
-    * ``beta``: S-STE's frozen scale.
+    * ``beta``: S-STE's frozen scale;
+    * MaskLLM layers: ``flip_rate`` of their argmax masks (``near_threshold`` does not
+      apply), and from the step's forward the :data:`MASK_STAT_NAMES` (regulariser term,
+      mean candidate entropy in nats, mean |soft - hard| mask gap, tau, kappa).
 
     Keys: ``sparsity/<path>/<metric>`` and the size-weighted ``sparsity/<metric>``; plus
     the quantisation diagnostics of :func:`quant_metrics` for the model after the step.
@@ -155,13 +210,20 @@ def layer_metrics(before: nnx.Module, after: nnx.Module) -> dict[str, jax.Array]
     totals: dict[str, list[tuple[jax.Array, int]]] = {}
     for path, layer in sparse_layers(after):
         spec, w = layer.sparsity, layer.kernel[...]
-        tau = threshold_nm(w, spec.n, spec.m, 0)
-        near = jnp.sum(jnp.abs(jnp.abs(w) - tau) < NEAR_THRESHOLD) - w.size // spec.m
-        stats = {
-            "sparsity": jnp.mean(layer.effective_kernel() == 0),
-            "flip_rate": flip_rate(old[path].kernel[...], w, spec.n, spec.m, 0),
-            "near_threshold": near / w.size,
-        }
+        if layer.mask_logits is not None:
+            before_mask = old[path].effective_kernel() != 0
+            w_eff = layer.effective_kernel()
+            stats = {"sparsity": jnp.mean(w_eff == 0),
+                     "flip_rate": jnp.mean(before_mask != (w_eff != 0)),
+                     **dict(zip(MASK_STAT_NAMES, layer.mask_stats[...], strict=True))}
+        else:
+            tau = threshold_nm(w, spec.n, spec.m, 0)
+            near = jnp.sum(jnp.abs(jnp.abs(w) - tau) < NEAR_THRESHOLD) - w.size // spec.m
+            stats = {
+                "sparsity": jnp.mean(layer.effective_kernel() == 0),
+                "flip_rate": flip_rate(old[path].kernel[...], w, spec.n, spec.m, 0),
+                "near_threshold": near / w.size,
+            }
         if layer.beta is not None:
             out[f"sparsity/{path}/beta"] = layer.beta[...]
         for name, value in stats.items():
