@@ -52,7 +52,7 @@ from sparsejax.reporting import Progress, TensorBoardWriter, format_table
 from sparsejax.tasks import Task, build_model, build_task
 
 __all__ = ["NonFiniteLossError", "RunDirError", "TrainState", "init_model", "load_model",
-           "make_optimizer", "make_train_step", "resolve_checkpoint", "run"]
+           "evaluate_model", "make_optimizer", "make_train_step", "resolve_checkpoint", "run"]
 
 # Keys that may change between a run and its resumption without changing what it computes.
 RESUMABLE_KEYS = ("logging.log_every", "logging.progress", "logging.tensorboard",
@@ -217,6 +217,17 @@ def load_params_into(model: nnx.Module, source: nnx.Module, origin: str) -> list
         copied.append(name)
     nnx.update(model, jax.tree.unflatten(jax.tree.structure(target), values))
     return copied
+
+
+def evaluate_model(model: nnx.Module, cfg: Config, task: Task | None = None
+                   ) -> dict[str, float]:
+    """Validation metrics of ``model`` (in its inference form: ``model.eval()`` is applied
+    to a copy) on the fixed validation batches of ``cfg``'s task, as the trainer reports
+    them (``loss``, ``bpb`` / ``accuracy``, ...)."""
+    task = task or build_task(cfg)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    eval_step = jax.jit(make_eval_step(graphdef, task))
+    return evaluate(eval_step, TrainState(params, rest, None, None), task)
 
 
 def init_model(cfg: Config, load_init: bool = True) -> nnx.Module:
