@@ -54,6 +54,16 @@ def training_wall_seconds(run_dir: Path, steps: int) -> float:
     return (last.wall_time - first.wall_time) * steps / max(last.step - first.step, 1)
 
 
+def save_figure(fig, path: str | Path, **legend: Any) -> None:
+    """Grid and legend (``legend`` kwargs, e.g. ``fontsize``) on every axis of ``fig``,
+    then a tight layout saved as a small PNG (dpi 90) at ``path``."""
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

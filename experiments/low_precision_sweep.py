@@ -34,7 +34,7 @@ from sparsejax.config import load_config  # noqa: E402
 from sparsejax.train import NonFiniteLossError, run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import scalars, text_data, training_wall_seconds, write_csv  # noqa: E402
+from common import save_figure, scalars, text_data, training_wall_seconds, write_csv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LINEARS = "blocks/\\d+/(attn/(qkv|proj)|mlp/(fc|proj))"
@@ -135,10 +135,7 @@ def main() -> None:
                     label=setting if method == "fp32" else f"{setting} {method}")
     ax.set(xlabel="step", ylabel="validation loss (nats)",
            title="low-precision GPT pre-training: DAT (solid) vs absmax-STE (dashed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=90)
+    save_figure(fig, out / "curves.png", fontsize=7, ncol=2)
     print("\n".join(lines))
 
 

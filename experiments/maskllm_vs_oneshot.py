@@ -36,7 +36,7 @@ from sparsejax.config import load_config  # noqa: E402
 from sparsejax.train import evaluate_model, init_model, run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import scalars, text_data, training_wall_seconds, write_csv  # noqa: E402
+from common import save_figure, scalars, text_data, training_wall_seconds, write_csv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK_LINEARS = "blocks/\\d+/(attn/(qkv|proj)|mlp/(fc|proj))"
@@ -137,10 +137,7 @@ def main() -> None:
     ax.axhline(oneshot, color="r", ls=":", lw=1, label="one-shot magnitude")
     ax.set(xlabel="fine-tuning step", ylabel="validation loss (nats)",
            title="2:4 masks of a trained GPT")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=90)
+    save_figure(fig, out / "curves.png", fontsize=8)
     print("\n".join(lines))
 
 

@@ -23,7 +23,7 @@ from sparsejax.config import load_config  # noqa: E402
 from sparsejax.train import run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import scalar_events, write_csv  # noqa: E402
+from common import save_figure, scalar_events, write_csv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["configs/gpt_tiny.yaml", "configs/gpt_shakespeare.yaml",
@@ -87,10 +87,7 @@ def main() -> None:
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=90)
+    save_figure(fig, out / "curves.png")
     print((out / "results.md").read_text())
 
 

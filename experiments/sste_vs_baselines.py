@@ -29,7 +29,7 @@ from sparsejax.config import load_config  # noqa: E402
 from sparsejax.train import run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import scalars, text_data, training_wall_seconds, write_csv  # noqa: E402
+from common import save_figure, scalars, text_data, training_wall_seconds, write_csv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FFN = "blocks/\\d+/mlp/(fc|proj)"
@@ -121,11 +121,7 @@ def main() -> None:
     ax1.set_ylim(top=min(3.0, ax1.get_ylim()[1]))
     ax2.set(xlabel="step", ylabel="fraction of mask entries", title="mask flip rate per step",
             yscale="log")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=90)
+    save_figure(fig, out / "curves.png", fontsize=8)
     print("\n".join(lines))
 
 

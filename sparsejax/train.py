@@ -145,10 +145,11 @@ def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransf
             # grad trace, which NNX only allows on variables created in that trace.
             model = nnx.merge(graphdef, p, rest, copy=True)
             loss, aux = task.loss(model, batch, key)
+            objective = loss
             if mask_layers(model):
                 aux = {**aux, "regularizer": regularization_loss(model)}
-                return loss + aux["regularizer"], (loss, aux, nnx.split(model, nnx.Param, ...)[2])
-            return loss, (loss, aux, nnx.split(model, nnx.Param, ...)[2])
+                objective = loss + aux["regularizer"]
+            return objective, (loss, aux, nnx.split(model, nnx.Param, ...)[2])
 
         (_, (loss, aux, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         if freeze_weights:
