@@ -4,16 +4,22 @@ Layout under ``<run_dir>/checkpoints/<step>/``: ``state`` (an Orbax ``StandardSa
 the pytree ``{params, rest, opt_state, rng}``, where ``rest`` holds a model's non-trainable
 variables) and ``meta`` (JSON: step, data position, seed). Orbax writes each step into a
 temporary directory and renames it when complete, so a process killed during a save leaves
-the previous checkpoints usable; leftover temporary directories are removed on the next
-open.
+the previous checkpoints usable; leftover temporary directories are removed when the
+directory is next opened for writing (synchronously: Orbax's own clean-up runs in a
+background thread that only its next ``save`` waits for).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+
+# Orbax names an unfinished step ``<step>.orbax-checkpoint-tmp[-<timestamp>]``.
+_ORBAX_TMP_MARKER = ".orbax-checkpoint-tmp"
 
 __all__ = ["Checkpointer"]
 
@@ -24,6 +30,8 @@ class Checkpointer:
     def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
         self.directory = Path(directory).absolute()
+        if not read_only:
+            remove_unfinished_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
             cleanup_tmp_directories=not read_only, create=not read_only)
@@ -54,3 +62,14 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def remove_unfinished_saves(directory: Path) -> list[Path]:
+    """Delete the temporary step directories a killed save left in ``directory`` (on
+    process 0 only); returns what was removed. Finished steps are never touched."""
+    if jax.process_index() != 0 or not directory.is_dir():
+        return []
+    leftovers = [p for p in directory.iterdir() if p.is_dir() and _ORBAX_TMP_MARKER in p.name]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
