@@ -11,6 +11,7 @@ background thread that only its next ``save`` waits for).
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,17 @@ class Checkpointer:
         if not read_only:
             remove_unfinished_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
+            max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+            enable_async_checkpointing=async_save, read_only=read_only,
             cleanup_tmp_directories=not read_only, create=not read_only)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        if read_only:  # Orbax warns "Given directory is read only" on every reader
+            absl_logger.setLevel(logging.ERROR)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl_logger.setLevel(level)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

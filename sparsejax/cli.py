@@ -2,6 +2,8 @@
 
     sparsejax train CONFIG [key=value ...] [--sweep key=v1,v2 ...]
     sparsejax layers CONFIG [key=value ...]
+    sparsejax compare CHECKPOINT [CHECKPOINT ...]
+    sparsejax evaluate-analog RUN_DIR [--times 60,3600,...] [--repeats 5]
 
 Configuration problems print one line to stderr and exit with code 2 before anything is
 written; a diverged run exits with code 3.
@@ -77,11 +79,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from sparsejax.nn import named_layers
+    from sparsejax.nn import Activation, named_layers
     from sparsejax.train import init_model
 
     cfg = load_config(args.config, args.overrides)
-    for path, layer in named_layers(init_model(cfg)):
+    model = init_model(cfg)
+    for path, layer in named_layers(model):
         spec = layer.sparsity
         what = "dense" if spec is None else f"{spec.method} {spec.n}:{spec.m}" + (
             " mvue" if spec.mvue else "") + (" fp8" if spec.fp8 else "") + (
@@ -89,8 +92,24 @@ def _cmd_layers(args: argparse.Namespace) -> int:
         for tensor, q in (("W", layer.weight_quant), ("A", layer.act_quant)):
             if q is not None:
                 what += f" {tensor}:{q.method}" + ("" if q.method == "fp8" else f"{q.bits:g}")
+        if layer.analog is not None:
+            what += " " + _analog_summary(layer.analog)
         print(f"{path}\t{tuple(layer.kernel.shape)}\t{what}")
+    for path, act in named_layers(model, (Activation,)):
+        print(f"{path}\t{act.fn}\t" + (_analog_summary(act.analog) if act.analog else "-"))
     return 0
+
+
+def _analog_summary(spec) -> str:
+    """``analog(weight_noise=0.06,...)`` with the fields that differ from the defaults."""
+    import dataclasses
+
+    from sparsejax.analog import AnalogSpec
+
+    default = AnalogSpec()
+    changed = [f"{f.name}={getattr(spec, f.name)}" for f in dataclasses.fields(spec)
+               if getattr(spec, f.name) != getattr(default, f.name)]
+    return f"analog({','.join(changed)})"
 
 
 def _short_name(path: Path) -> str:
@@ -111,6 +130,46 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate_analog(args: argparse.Namespace) -> int:
+    from sparsejax.analog_eval import (
+        default_out_dir,
+        evaluate_analog,
+        format_table,
+        parse_times,
+        set_eval_activation_noise,
+        write_report,
+    )
+    from sparsejax.train import load_model, resolve_checkpoint
+
+    times = parse_times(args.times)
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.act_noise < 0:
+        raise ConfigError(f"--act-noise must be >= 0, got {args.act_noise}")
+    run_dir, step = resolve_checkpoint(args.run_dir, args.step)
+    out_dir = Path(args.out) if args.out else default_out_dir(run_dir)
+    if out_dir.exists():
+        raise ConfigError(f"--out {out_dir} exists; choose a new directory")
+    model, cfg, step = load_model(run_dir, step)
+    if args.act_noise:
+        set_eval_activation_noise(model, args.act_noise, args.act_noise_correlated,
+                                  seed=args.seed)
+    rows = evaluate_analog(model, cfg, times, repeats=args.repeats, seed=args.seed,
+                           compensate=not args.no_drift_compensation, layers=args.layers,
+                           progress=None if args.quiet else print)
+    header = (f"# Analog (PCM) evaluation of {run_dir} at step {step}\n\n"
+              f"`sparsejax {' '.join(sys.argv[1:]) if sys.argv[1:] else 'evaluate-analog'}`"
+              f"\n\nPCM model: aihwkit PCMLikeNoiseModel defaults (simulation); {args.repeats} "
+              f"programmed chips per time; drift compensation "
+              f"{'off' if args.no_drift_compensation else 'on'}; activation noise in eval "
+              f"{args.act_noise:g}{' (correlated)' if args.act_noise_correlated else ''}.")
+    write_report(rows, out_dir, header)
+    print(format_table(rows))
+    print(f"\nwritten: {out_dir}/analog_eval.md, .csv; TensorBoard: tensorboard --logdir "
+          f"{out_dir}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsejax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,7 +179,7 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                        help="repeatable; runs the cartesian product, one run directory each")
     train.set_defaults(func=_cmd_train)
-    layers = sub.add_parser("layers", help="list the linear layers' paths (for rules)")
+    layers = sub.add_parser("layers", help="list the layers' paths (for rules)")
     layers.add_argument("config")
     layers.add_argument("overrides", nargs="*")
     layers.set_defaults(func=_cmd_layers)
@@ -132,6 +191,25 @@ def make_parser() -> argparse.ArgumentParser:
     compare.add_argument("--logdir", default="runs/compare", help="TensorBoard root")
     compare.add_argument("--name", default=None, help="run group name under --logdir")
     compare.set_defaults(func=_cmd_compare)
+    analog = sub.add_parser("evaluate-analog", help="program a trained run onto simulated "
+                            "PCM devices and evaluate it at times after programming")
+    analog.add_argument("run_dir", help="run directory (latest checkpoint) or "
+                        "<run>/checkpoints/<step>")
+    analog.add_argument("--times", default="60,3600,86400,2592000,31536000",
+                        help="seconds after programming, comma-separated (suffixes m,h,d,y)")
+    analog.add_argument("--repeats", type=int, default=5, help="programmed chips per time")
+    analog.add_argument("--seed", type=int, default=0)
+    analog.add_argument("--step", type=int, default=None, help="checkpoint step")
+    analog.add_argument("--layers", default=None, help="regex of linear layers to program "
+                        "(default: the analog layers, or all linear layers)")
+    analog.add_argument("--no-drift-compensation", action="store_true")
+    analog.add_argument("--act-noise", type=float, default=0.0,
+                        help="activation noise std kept on during evaluation")
+    analog.add_argument("--act-noise-correlated", action="store_true")
+    analog.add_argument("--out", default=None,
+                        help="report directory (default <run_dir>/analog_eval/<time>)")
+    analog.add_argument("--quiet", action="store_true")
+    analog.set_defaults(func=_cmd_evaluate_analog)
     return parser
 
 

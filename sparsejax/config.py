@@ -25,10 +25,12 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
+from sparsejax.analog import AnalogSpec
 from sparsejax.quant import FP8_FORMATS, QUANT_METHODS, QuantSpec
 from sparsejax.sparsity import NMSpec
 
 __all__ = [
+    "AnalogConfig",
     "CheckpointConfig",
     "Config",
     "ConfigError",
@@ -181,6 +183,27 @@ class QuantRuleConfig:
 
 
 @dataclass
+class AnalogConfig:
+    """Analog in-memory-computing simulation of the matched layers (METHODS.md 5); the
+    fields of ``sparsejax.analog.AnalogSpec``. Linear layers take the weight / output /
+    converter settings, activation layers (``blocks/<i>/mlp/act``, ``acts/<i>``) the
+    ``act_*`` ones. Noise is drawn in training only, unless ``noise_in_eval``."""
+
+    weight_noise: float = 0.0  # std; add: relative to max|W| (aihwkit tutorial: 0.06)
+    weight_noise_kind: str = "add"  # add | mult
+    clip_alpha: float = 0.0  # clip W to +-alpha std(W) (aihwkit: 2.5); 0 = off
+    act_noise: float = 0.0  # std of activation noise (add: absolute, mult: relative)
+    act_noise_kind: str = "add"  # add | mult
+    act_noise_correlated: bool = False  # one draw per vector, shared across the layer
+    out_noise: float = 0.0  # output noise, normalised units (aihwkit 0.04-0.06)
+    read_noise: float = 0.0  # PCM-read-style MVM noise w_noise (aihwkit 0.0175)
+    dac_bits: int = 0  # input DAC bits (0 = off; 8 = aihwkit HWA preset)
+    adc_bits: int = 0  # output ADC bits (0 = off)
+    adc_bound: float = 10.0  # ADC range +-bound, normalised units
+    noise_in_eval: bool = False
+
+
+@dataclass
 class RuleConfig:
     """One path rule: ``path`` is a regex matched (``re.fullmatch``) against the
     ``/``-joined module path of each layer (``blocks/0/mlp/fc``; list them with
@@ -190,6 +213,7 @@ class RuleConfig:
     path: str = ".*"
     sparsity: SparsityConfig | None = None
     quant: QuantRuleConfig | None = None
+    analog: AnalogConfig | None = None
 
 
 @dataclass
@@ -223,6 +247,7 @@ def all_keys(schema: Any = Config, prefix: str = "") -> list[str]:
 def _close_matches(key: str) -> str:
     candidates = (all_keys() + [f"rules.N.{k}" for k in all_keys(RuleConfig)]
                   + [f"rules.N.sparsity.{k}" for k in all_keys(SparsityConfig)]
+                  + [f"rules.N.analog.{k}" for k in all_keys(AnalogConfig)]
                   + [f"rules.N.quant.{t}.{k}" for t in ("weights", "activations")
                      for k in all_keys(QuantConfig)])
     key = re.sub(r"rules(\.|\[)(\d+)\]?", "rules.N", key)
@@ -416,6 +441,18 @@ def validate(cfg: Config) -> None:
                          if (hit := re.search(rf"\b{f.name}\b", str(err)))]
                 name = min(found)[1] if found else "method"
                 raise ConfigError(f"bad value for '{key}.{name}': {err}") from None
+        if rule.analog is not None:
+            try:  # AnalogSpec's checks; its messages start with the field name
+                AnalogSpec(**dataclasses.asdict(rule.analog))
+            except ValueError as err:
+                name = str(err).split()[0]
+                raise ConfigError(f"bad value for 'rules.{i}.analog.{name}': {err}") from None
+            for name in ("mvue", "fp8"):
+                _require(sp is None or not getattr(sp, name), f"rules.{i}.sparsity.{name}",
+                         "cannot be combined with an analog block (the analog tile runs the "
+                         "plain sparse matmul)")
+            _require(sp is None or sp.kernel == "xla", f"rules.{i}.sparsity.kernel",
+                     "must be xla with an analog block (the packed kernel is digital)")
         for tensor in ("weights", "activations"):
             qc = getattr(rule.quant, tensor) if rule.quant is not None else None
             if qc is not None:

@@ -3,7 +3,7 @@ learned positions, optional tying of the output head to the token embedding.
 
 Module paths of the linear layers, for rules: ``blocks/<i>/attn/qkv``,
 ``blocks/<i>/attn/proj``, ``blocks/<i>/mlp/fc``, ``blocks/<i>/mlp/proj`` and, untied,
-``lm_head``.
+``lm_head``; the MLP's activation (for analog activation noise): ``blocks/<i>/mlp/act``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.nn import Embed, LayerNorm, Linear, dropout
+from sparsejax.nn import Activation, Embed, LayerNorm, Linear, dropout
 
 __all__ = ["GPT"]
 
@@ -48,10 +48,11 @@ class MLP(nnx.Module):
         self.dropout_rate = dropout_rate
         init = nnx.initializers.normal(0.02)
         self.fc = Linear(n_embd, hidden, kernel_init=init, dtype=dtype, rngs=rngs)
+        self.act = Activation("gelu")
         self.proj = Linear(hidden, n_embd, kernel_init=resid_init, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
-        return dropout(self.proj(jax.nn.gelu(self.fc(x))), self.dropout_rate, key)
+        return dropout(self.proj(self.act(self.fc(x))), self.dropout_rate, key)
 
 
 class Block(nnx.Module):

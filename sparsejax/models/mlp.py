@@ -1,6 +1,7 @@
 """MLP classifier: features ``(B, F)`` -> class logits ``(B, num_classes)``.
 
-Linear paths for rules: ``layers/<i>`` for the hidden layers, ``head`` for the output.
+Linear paths for rules: ``layers/<i>`` for the hidden layers, ``head`` for the output;
+activation paths (analog activation noise): ``acts/<i>``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.nn import Linear, dropout
+from sparsejax.nn import Activation, Linear, dropout
 
 __all__ = ["MLPClassifier"]
 
@@ -22,10 +23,11 @@ class MLPClassifier(nnx.Module):
         self.dropout_rate = dropout_rate
         self.layers = nnx.List([Linear(a, b, dtype=dtype, rngs=rngs)
                                 for a, b in zip(sizes[:-1], sizes[1:], strict=True)])
+        self.acts = nnx.List([Activation("gelu") for _ in hidden])
         self.head = Linear(sizes[-1], num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
-        for i, layer in enumerate(self.layers):
+        for i, (layer, act) in enumerate(zip(self.layers, self.acts, strict=True)):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            x = dropout(jax.nn.gelu(layer(x)), self.dropout_rate, key)
+            x = dropout(act(layer(x)), self.dropout_rate, key)
         return self.head(x).astype(jnp.float32)

@@ -5,7 +5,11 @@ by its module path and give it a transform without touching model code.
 """
 
 from sparsejax.nn.layers import (
+    ACTIVATIONS,
     MASK_STAT_NAMES,
+    Activation,
+    AnalogState,
+    AnalogWeights,
     Embed,
     LayerNorm,
     Linear,
@@ -18,6 +22,7 @@ from sparsejax.nn.layers import (
     pack_model,
 )
 from sparsejax.nn.rules import (
+    analog_layers,
     apply_rules,
     assign_rules,
     layer_metrics,
@@ -32,8 +37,9 @@ from sparsejax.nn.rules import (
     sparse_layers,
 )
 
-__all__ = ["MASK_STAT_NAMES", "Embed", "LSQQuantizer", "LayerNorm", "Linear", "MaskLogits",
-           "PackedState", "QuantState", "SparsityState", "apply_rules", "assign_rules",
+__all__ = ["ACTIVATIONS", "MASK_STAT_NAMES", "Activation", "AnalogState", "AnalogWeights",
+           "Embed", "LSQQuantizer", "LayerNorm", "Linear", "MaskLogits", "PackedState",
+           "QuantState", "SparsityState", "analog_layers", "apply_rules", "assign_rules",
            "dropout", "layer_metrics", "mask_choice_changes", "mask_choices", "mask_layers",
            "mask_training_options", "named_layers", "pack_model", "quant_metrics",
            "quantized_layers", "regularization_loss", "sparse_layers"]

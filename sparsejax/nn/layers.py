@@ -1,4 +1,5 @@
-"""Basic layers: :class:`Linear`, :class:`Embed`, :class:`LayerNorm` and functional dropout.
+"""Basic layers: :class:`Linear`, :class:`Activation`, :class:`Embed`, :class:`LayerNorm`
+and functional dropout.
 
 Parameters are stored in float32; ``dtype`` is the compute dtype (float32 or bfloat16):
 operands are cast to it before the matmul and the result is returned in it.
@@ -12,6 +13,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax.analog import (
+    AnalogSpec,
+    activation_noise,
+    analog_matmul,
+    clip_weights_gaussian,
+    weight_noise,
+)
 from sparsejax.kernels.nm_matmul import PackedNM, nm_matmul, pack_nm
 from sparsejax.quant import (
     STAT_NAMES,
@@ -34,8 +42,9 @@ from sparsejax.sparsity import (
     sste_scale,
 )
 
-__all__ = ["MASK_STAT_NAMES", "Embed", "LSQQuantizer", "LayerNorm", "Linear", "MaskLogits",
-           "PackedState", "QuantState", "SparsityState", "dropout", "pack_model"]
+__all__ = ["ACTIVATIONS", "MASK_STAT_NAMES", "Activation", "AnalogState", "AnalogWeights",
+           "Embed", "LSQQuantizer", "LayerNorm", "Linear", "MaskLogits", "PackedState",
+           "QuantState", "SparsityState", "dropout", "pack_model"]
 
 # What a MaskLLM layer records about its last training call (``Linear.mask_stats``): the
 # regulariser term it adds to the loss (``-lambda * sum (W * M)^2``, with its gradient
@@ -53,6 +62,24 @@ class MaskLogits(nnx.Param):
     """MaskLLM's per-group candidate logits: trained (a ``Param``), but a collection of
     their own, so the optimiser can give them their own learning rate, leave them out of
     weight decay, or train them alone (``freeze_weights``)."""
+
+
+class AnalogState(nnx.Variable):
+    """The call counter that keys an analog layer's noise draws (checkpointed, so a resumed
+    run draws the same noise as an uninterrupted one)."""
+
+
+class AnalogWeights(nnx.Variable):
+    """Weights read from simulated PCM devices (``sparsejax.analog.PCMNoiseModel.read``,
+    drift compensation folded in) that an inference-time layer uses instead of its own.
+    Set by ``sparsejax.nn.analog`` for analog evaluation; never trained."""
+
+
+def _next_noise_key(count: AnalogState, seed: int) -> jax.Array:
+    """A fresh key per call: ``fold_in(key(seed), count)``; advances the counter."""
+    step = count[...]
+    count[...] = step + 1
+    return jax.random.fold_in(jax.random.key(seed), step)
 
 
 class PackedState(nnx.Variable):
@@ -147,6 +174,10 @@ class Linear(nnx.Module):
         self.mask_step: SparsityState | None = nnx.data(None)
         self.mask_stats: SparsityState | None = nnx.data(None)
         self.schedule_steps = 0
+        self.analog: AnalogSpec | None = None
+        self.analog_count: AnalogState | None = nnx.data(None)
+        self.analog_seed = 0
+        self.analog_weights: AnalogWeights | None = nnx.data(None)
         self.deterministic = False
 
     def set_sparsity(self, spec: NMSpec, seed: int = 0, total_steps: int | None = None
@@ -195,6 +226,48 @@ class Linear(nnx.Module):
                 count=self.in_features)
         self.act_stats = (QuantState(jnp.zeros((len(STAT_NAMES),), jnp.float32))
                           if activations is not None else None)
+
+    def set_analog(self, spec: AnalogSpec, seed: int = 0) -> None:
+        """Simulate this layer on an analog tile (``sparsejax.analog``, METHODS.md 5):
+        weight clipping and noise, DAC/ADC, output and read noise per ``spec``. Noise keys
+        come from ``seed`` and a checkpointed call counter. Raises ``ValueError`` with an
+        N:M method whose own matmul path cannot take the analog product (MVUE, FP8
+        simulation, the packed Pallas kernel)."""
+        sp = self.sparsity
+        if sp is not None and (sp.mvue or sp.fp8 or sp.kernel == "pallas"):
+            raise ValueError("analog simulation needs the plain sparse matmul: turn off "
+                             "sparsity.mvue, sparsity.fp8 and sparsity.kernel=pallas")
+        self.analog = spec
+        self.analog_seed = seed
+        self.analog_count = AnalogState(jnp.zeros((), jnp.uint32)) if spec.linear_noise else None
+
+    def set_analog_weights(self, w: jax.Array | None) -> None:
+        """Use ``w`` (``(in, out)``, e.g. PCM weights read at time t) instead of this
+        layer's effective weight; ``None`` restores the trained weight."""
+        if w is not None and w.shape != (self.in_features, self.out_features):
+            raise ValueError(f"analog weights of shape {w.shape} for a layer of "
+                             f"{(self.in_features, self.out_features)}")
+        self.analog_weights = None if w is None else AnalogWeights(jnp.asarray(w, jnp.float32))
+
+    def _analog_forward(self, x: jax.Array, training: bool) -> jax.Array:
+        """``x @ W`` on the simulated analog tile (normalised MVM when converters or output
+        noise are on); noise only in training calls or with ``noise_in_eval``."""
+        spec = self.analog or AnalogSpec()
+        if self.analog_weights is not None:
+            w = self.analog_weights[...]
+        else:
+            w, _ = self.effective_kernel_with_stats(training)
+            if spec.clip_alpha:
+                w = clip_weights_gaussian(w, spec.clip_alpha)
+        key = None
+        if self.analog_count is not None and (training or spec.noise_in_eval):
+            key = _next_noise_key(self.analog_count, self.analog_seed)
+            w = weight_noise(w, jax.random.fold_in(key, 2), spec.weight_noise,
+                             spec.weight_noise_kind)
+        w = w.astype(x.dtype)
+        if spec.uses_normalised_mvm:
+            return analog_matmul(x, w, spec, key)
+        return jnp.matmul(x, w)
 
     def _maskllm_training_weight(self, w: jax.Array) -> jax.Array:
         """``W * M`` with this call's Gumbel-softmax mask (METHODS.md 2). Advances the
@@ -287,6 +360,8 @@ class Linear(nnx.Module):
         training = not self.deterministic
         if self.packed is not None:
             y = nm_matmul(x, self.packed)
+        elif self.analog is not None or self.analog_weights is not None:
+            y = self._analog_forward(x, training)
         elif self.sparsity is None or self.sparsity.method == "maskllm":
             w, _ = self.effective_kernel_with_stats(training)
             y = jnp.matmul(x, w.astype(dtype))
@@ -303,6 +378,42 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
+
+
+ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "tanh": jnp.tanh,
+               "sigmoid": jax.nn.sigmoid}
+
+
+class Activation(nnx.Module):
+    """An elementwise activation (``fn`` in :data:`ACTIVATIONS`) as a module, so that
+    path rules can find it: with an analog spec (:meth:`set_analog`) it adds activation
+    noise to its output (Duque et al. 2024) in training calls, or also in evaluation with
+    ``noise_in_eval``. Holds no state until a rule configures it."""
+
+    def __init__(self, fn: str = "gelu"):
+        if fn not in ACTIVATIONS:
+            raise ValueError(f"activation '{fn}' is not one of {sorted(ACTIVATIONS)}")
+        self.fn = fn
+        self.analog: AnalogSpec | None = None
+        self.analog_count: AnalogState | None = nnx.data(None)
+        self.analog_seed = 0
+        self.deterministic = False
+
+    def set_analog(self, spec: AnalogSpec, seed: int = 0) -> None:
+        """Add ``spec``'s activation noise (``act_noise``, ``act_noise_kind``,
+        ``act_noise_correlated``) to this layer's output."""
+        self.analog = spec
+        self.analog_seed = seed
+        self.analog_count = AnalogState(jnp.zeros((), jnp.uint32)) if spec.act_noise else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = ACTIVATIONS[self.fn](x)
+        spec = self.analog
+        if self.analog_count is None or not (not self.deterministic or spec.noise_in_eval):
+            return y
+        key = _next_noise_key(self.analog_count, self.analog_seed)
+        return activation_noise(y, key, spec.act_noise, spec.act_noise_correlated,
+                                spec.act_noise_kind)
 
 
 def pack_model(model: nnx.Module, dtype: jnp.dtype | None = None) -> list[str]:

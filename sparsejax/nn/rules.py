@@ -4,7 +4,10 @@ A module path is the ``/``-joined attribute path from the model root, e.g.
 ``blocks/0/mlp/fc``. A rule's ``path`` is matched with ``re.fullmatch``; like qwix, the
 first rule that matches a layer wins, and the user's model code is never edited. Rules are
 any objects with a ``path`` attribute and optional transform specs (``sparsity``;
-``quant`` with ``weights`` / ``activations``), e.g. the config's ``RuleConfig``.
+``quant`` with ``weights`` / ``activations``; ``analog``), e.g. the config's
+``RuleConfig``. ``Linear`` layers are matched by every rule; ``Activation`` layers only by
+rules that carry an ``analog`` block (the one transform they take), so a broad sparsity
+rule such as ``blocks/.*`` does not claim them.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.nn.layers import MASK_STAT_NAMES, Linear
+from sparsejax.analog import AnalogSpec
+from sparsejax.nn.layers import MASK_STAT_NAMES, Activation, Linear
 from sparsejax.quant import STAT_NAMES, QuantSpec
 from sparsejax.sparsity import NMSpec, flip_rate, threshold_nm
 
-__all__ = ["apply_rules", "assign_rules", "layer_metrics", "mask_choice_changes",
+__all__ = ["analog_layers", "apply_rules", "assign_rules", "layer_metrics", "mask_choice_changes",
            "mask_choices", "mask_layers", "mask_training_options", "named_layers",
            "quant_metrics", "quantized_layers", "regularization_loss", "sparse_layers"]
 
@@ -39,25 +43,34 @@ def named_layers(model: nnx.Module, types: tuple[type, ...] = (Linear,)
             for path, node in nnx.iter_graph(model) if isinstance(node, types)]
 
 
-def assign_rules(model: nnx.Module, rules: Sequence[Any], types: tuple[type, ...] = (Linear,)
-                 ) -> dict[str, int]:
-    """Map each layer path to the index of the first rule whose ``path`` regex matches.
+def assign_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
+    """Map each layer path to the index of the first rule whose ``path`` regex matches
+    (``Linear`` layers: any rule; ``Activation`` layers: rules with an ``analog`` block).
 
     Raises ``ValueError`` naming the rule and listing the layer paths when a rule matches
     no layer (a typo in a pattern must not silently train a dense model).
     """
-    layers = [path for path, _ in named_layers(model, types)]
+    linears = [path for path, _ in named_layers(model, (Linear,))]
+    activations = [path for path, _ in named_layers(model, (Activation,))]
     compiled = [re.compile(rule.path) for rule in rules]
+    eligible = [linears + (activations if _field(rule, "analog") is not None else [])
+                for rule in rules]
     assignment: dict[str, int] = {}
-    for path in layers:
+    for path in linears + activations:
         for i, pattern in enumerate(compiled):
-            if pattern.fullmatch(path):
+            if path in eligible[i] and pattern.fullmatch(path):
                 assignment[path] = i
                 break
     for i, pattern in enumerate(compiled):
-        if not any(pattern.fullmatch(path) for path in layers):
+        if not any(pattern.fullmatch(path) for path in eligible[i]):
             raise ValueError(f"rules.{i}.path '{pattern.pattern}' matches no layer; "
-                             f"layer paths are: {', '.join(layers)}")
+                             f"layer paths are: {', '.join(eligible[i])}")
+        analog = _field(rules[i], "analog")
+        if (analog is not None and (_field(analog, "act_noise") or 0) > 0
+                and not any(pattern.fullmatch(p) for p in activations)):
+            raise ValueError(f"rules.{i}.analog.act_noise is set but rules.{i}.path "
+                             f"'{pattern.pattern}' matches no activation layer; activation "
+                             f"paths are: {', '.join(activations)}")
     return assignment
 
 
@@ -80,25 +93,39 @@ def apply_rules(model: nnx.Module, rules: Sequence[Any], total_steps: int | None
 
     A rule's ``sparsity`` (an object or dict with the fields of ``NMSpec``) makes the
     matched ``Linear`` layers N:M sparse; its ``quant.weights`` / ``quant.activations``
-    (fields of ``QuantSpec``) quantise them, after the sparsity. ``total_steps``: the
+    (fields of ``QuantSpec``) quantise them, after the sparsity; its ``analog`` (fields of
+    ``sparsejax.analog.AnalogSpec``) simulates matched ``Linear`` layers on analog tiles
+    and adds activation noise to matched ``Activation`` layers. ``total_steps``: the
     length of MaskLLM's schedules when a rule leaves ``schedule_steps`` at 0. Errors name
     the rule and the layer.
     """
     assignment = assign_rules(model, rules)
-    layers = dict(named_layers(model))
+    layers = dict(named_layers(model, (Linear, Activation)))
     for path, index in assignment.items():
         sparsity, quant = _field(rules[index], "sparsity"), _field(rules[index], "quant")
+        analog = _field(rules[index], "analog")
+        seed = zlib.crc32(path.encode())
+        if isinstance(layers[path], Activation):
+            layers[path].set_analog(_spec(AnalogSpec, analog), seed=seed)
+            continue
         try:
             if sparsity is not None:
-                layers[path].set_sparsity(_spec(NMSpec, sparsity),
-                                          seed=zlib.crc32(path.encode()),
+                layers[path].set_sparsity(_spec(NMSpec, sparsity), seed=seed,
                                           total_steps=total_steps)
             if quant is not None:
                 layers[path].set_quant(_spec(QuantSpec, _field(quant, "weights")),
                                        _spec(QuantSpec, _field(quant, "activations")))
+            if analog is not None:
+                layers[path].set_analog(_spec(AnalogSpec, analog), seed=seed)
         except ValueError as err:
             raise ValueError(f"rules.{index} on layer {path}: {err}") from None
     return assignment
+
+
+def analog_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    """The ``Linear`` and ``Activation`` layers that carry an analog spec."""
+    return [(p, m) for p, m in named_layers(model, (Linear, Activation))
+            if m.analog is not None]
 
 
 def sparse_layers(model: nnx.Module) -> list[tuple[str, Linear]]:
