@@ -33,8 +33,9 @@ from sparsejax.config import Config, ConfigError
 from sparsejax.nn import Activation, Linear, named_layers
 from sparsejax.tasks import Task, build_task
 
-__all__ = ["analog_target_layers", "evaluate_analog", "format_table", "parse_times",
-           "program_layers", "read_layers", "set_eval_activation_noise", "write_report"]
+__all__ = ["analog_target_layers", "evaluate_activation_noise", "evaluate_analog",
+           "format_table", "parse_times", "program_layers", "read_layers", "time_label",
+           "set_eval_activation_noise", "write_report"]
 
 
 def parse_times(text: str) -> list[float]:
@@ -193,7 +194,31 @@ def evaluate_analog(model: nnx.Module, cfg: Config, times: Sequence[float] = AIH
     return rows
 
 
-def _time_label(t: float | None) -> str:
+def evaluate_activation_noise(model: nnx.Module, cfg: Config, levels: Sequence[float],
+                              correlated: bool = False, kind: str = "add", repeats: int = 3,
+                              task: Task | None = None) -> list[dict[str, Any]]:
+    """Evaluate ``model`` with activation noise of each std in ``levels`` kept on in
+    evaluation on every ``Activation`` layer (``repeats`` draws per level, fresh noise per
+    batch). Returns ``[{"act_noise", "<metric>_mean", "<metric>_std"}, ...]``; the model
+    is left without evaluation noise (its own training-time analog specs are replaced on
+    the activation layers: call on a loaded model)."""
+    task = task or build_task(cfg)
+    rows = []
+    try:
+        for level in levels:
+            set_eval_activation_noise(model, level, correlated, kind)
+            eval_step = _make_eval_step(nnx.split(model, nnx.Param, ...)[0], task)
+            runs = [_evaluate(eval_step, model, task, r * 1_000_000) for r in range(repeats)]
+            rows.append({"act_noise": level,
+                         **{f"{k}_mean": float(np.mean([m[k] for m in runs])) for k in runs[0]},
+                         **{f"{k}_std": float(np.std([m[k] for m in runs], ddof=1))
+                            if repeats > 1 else 0.0 for k in runs[0]}})
+    finally:
+        set_eval_activation_noise(model, 0.0)
+    return rows
+
+
+def time_label(t: float | None) -> str:
     if t is None:
         return "digital"
     for unit, size in (("y", 365 * 86400), ("d", 86400), ("h", 3600), ("m", 60)):
@@ -209,7 +234,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
              "|---|" + "---|" * (len(metrics) + 1)]
     for row in rows:
         cells = [f"{row[m + '_mean']:.4f} +- {row[m + '_std']:.4f}" for m in metrics]
-        lines.append(f"| {_time_label(row['t_seconds'])} | " + " | ".join(cells)
+        lines.append(f"| {time_label(row['t_seconds'])} | " + " | ".join(cells)
                      + f" | {row['alpha_mean']:.4f} |")
     return "\n".join(lines)
 
