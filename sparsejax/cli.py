@@ -1,6 +1,7 @@
 """``sparsejax`` command line.
 
     sparsejax train CONFIG [key=value ...] [--sweep key=v1,v2 ...]
+        [--coordinator HOST:PORT --num-processes N --process-id I]
     sparsejax layers CONFIG [key=value ...]
     sparsejax compare CHECKPOINT [CHECKPOINT ...]
     sparsejax evaluate-analog RUN_DIR [--times 60,3600,...] [--repeats 5]
@@ -58,9 +59,15 @@ def build_configs(config: str, overrides: Sequence[str], sweeps: Sequence[str]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    configs = build_configs(args.config, args.overrides, args.sweep)  # all checked up front
+    from sparsejax.distributed import initialize
+
+    try:
+        initialize(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     from sparsejax.train import NonFiniteLossError, run
 
-    configs = build_configs(args.config, args.overrides, args.sweep)  # all checked up front
     summaries = []
     for cfg in configs:
         try:
@@ -178,6 +185,11 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
     train.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                        help="repeatable; runs the cartesian product, one run directory each")
+    train.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="multi-host: address of process 0 (with --num-processes and "
+                       "--process-id; under SLURM they come from the allocation)")
+    train.add_argument("--num-processes", type=int, default=None)
+    train.add_argument("--process-id", type=int, default=None)
     train.set_defaults(func=_cmd_train)
     layers = sub.add_parser("layers", help="list the layers' paths (for rules)")
     layers.add_argument("config")

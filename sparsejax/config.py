@@ -37,6 +37,7 @@ __all__ = [
     "DataConfig",
     "DataSource",
     "LoggingConfig",
+    "MeshConfig",
     "ModelConfig",
     "ModelKind",
     "OptimizerConfig",
@@ -217,6 +218,19 @@ class RuleConfig:
 
 
 @dataclass
+class MeshConfig:
+    """Device mesh (``jax.sharding``, GSPMD): sizes of the named axes; -1 = all devices
+    left over (at most one axis). ``data``: batch split, parameters replicated; ``fsdp``:
+    batch split and parameters / optimiser state sharded; ``tensor``: the attention and MLP
+    projections split Megatron-style. The product must equal the number of devices (all
+    processes together); the batch must divide by ``data * fsdp``."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
 class Config:
     name: str = "run"
     run_dir: str | None = None  # default: runs/<name>
@@ -226,6 +240,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     rules: list[RuleConfig] = field(default_factory=list)
 
 
@@ -411,6 +426,18 @@ def validate(cfg: Config) -> None:
     _require(o.grad_clip >= 0, "optimizer.grad_clip", f"must be >= 0, got {o.grad_clip}")
     _require(cfg.logging.progress in ("auto", "bar", "lines", "none"), "logging.progress",
              f"'{cfg.logging.progress}' is not one of auto|bar|lines|none")
+
+    sizes = {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp,
+             "mesh.tensor": cfg.mesh.tensor}
+    for key, value in sizes.items():
+        _require(value == -1 or value >= 1, key, f"must be >= 1 or -1 (the rest), got {value}")
+    _require(sum(v == -1 for v in sizes.values()) <= 1, "mesh",
+             f"at most one axis may be -1, got {sizes}")
+    fixed = [v for k, v in sizes.items() if k != "mesh.tensor"]
+    if -1 not in fixed:
+        split = cfg.mesh.data * cfg.mesh.fsdp
+        _require(d.batch_size % split == 0, "data.batch_size",
+                 f"{d.batch_size} is not divisible by mesh.data * mesh.fsdp = {split}")
 
     byte_sources = (DataSource.stdlib, DataSource.text, DataSource.tokens)
     if m.kind == ModelKind.gpt:

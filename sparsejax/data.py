@@ -74,13 +74,14 @@ class TokenData:
     vocab_size: int
     byte_level: bool  # tokens are raw bytes: bits per token == bits per byte
 
-    def train_batch(self, seed: int, step: int, batch_size: int, block_size: int
-                    ) -> dict[str, np.ndarray]:
+    def train_batch(self, seed: int, step: int, batch_size: int, block_size: int,
+                    rows: slice | None = None) -> dict[str, np.ndarray]:
         """Random windows of the training stream: ``x`` (B, T) int32, ``y`` = x shifted by
-        one. A pure function of ``(seed, step)``."""
+        one. A pure function of ``(seed, step)``; ``rows`` reads only those rows of the
+        batch (a process's shard)."""
         rng = np.random.default_rng([seed, step])
         starts = rng.integers(0, len(self.train) - block_size - 1, size=batch_size)
-        return _windows(self.train, starts, block_size)
+        return _windows(self.train, starts[rows or slice(None)], block_size)
 
     def eval_batches(self, num_batches: int, batch_size: int, block_size: int
                      ) -> list[dict[str, np.ndarray]]:
@@ -106,9 +107,11 @@ class ClassificationData:
     y_val: np.ndarray
     num_classes: int
 
-    def train_batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
+    def train_batch(self, seed: int, step: int, batch_size: int, rows: slice | None = None
+                    ) -> dict[str, np.ndarray]:
         """Epoch-wise shuffling: step ``s`` reads positions ``[s*B, (s+1)*B)`` of the
-        concatenated per-epoch permutations (epoch ``e`` permuted by ``rng([seed, e])``)."""
+        concatenated per-epoch permutations (epoch ``e`` permuted by ``rng([seed, e])``);
+        ``rows``: only those rows of the batch."""
         n = len(self.x_train)
         positions = np.arange(step * batch_size, (step + 1) * batch_size)
         idx = np.empty(batch_size, dtype=np.int64)
@@ -116,6 +119,7 @@ class ClassificationData:
             sel = positions // n == epoch
             perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
             idx[sel] = perm[positions[sel] % n]
+        idx = idx[rows or slice(None)]
         return {"x": self.x_train[idx], "y": self.y_train[idx]}
 
     def eval_batches(self, num_batches: int, batch_size: int) -> list[dict[str, np.ndarray]]:

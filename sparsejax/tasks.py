@@ -54,7 +54,10 @@ class Task:
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         return build_model(self.cfg, rngs)
 
-    def train_batch(self, step: int) -> dict[str, np.ndarray]: ...
+    def train_batch(self, step: int, rows: slice | None = None) -> dict[str, np.ndarray]:
+        """The training batch of ``step`` (a pure function of seed and step); ``rows``:
+        only those rows (a process's shard of the global batch)."""
+        ...
 
     def eval_batches(self) -> list[dict[str, np.ndarray]]:
         """The fixed validation batches (built once in the constructor)."""
@@ -88,9 +91,9 @@ class LanguageModelTask(Task):
         self.eval_metric_names = ("loss", self.bits_name)
         self._eval = self.data.eval_batches(cfg.train.eval_batches, d.batch_size, m.block_size)
 
-    def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    def train_batch(self, step: int, rows: slice | None = None) -> dict[str, np.ndarray]:
         return self.data.train_batch(self.cfg.train.seed, step, self.cfg.data.batch_size,
-                                     self.cfg.model.block_size)
+                                     self.cfg.model.block_size, rows)
 
     @staticmethod
     def loss(model, batch, dropout_key):
@@ -124,8 +127,9 @@ class ClassificationTask(Task):
         self.items_per_batch = cfg.data.batch_size
         self._eval = self.data.eval_batches(cfg.train.eval_batches, cfg.data.batch_size)
 
-    def train_batch(self, step: int) -> dict[str, np.ndarray]:
-        return self.data.train_batch(self.cfg.train.seed, step, self.cfg.data.batch_size)
+    def train_batch(self, step: int, rows: slice | None = None) -> dict[str, np.ndarray]:
+        return self.data.train_batch(self.cfg.train.seed, step, self.cfg.data.batch_size,
+                                     rows)
 
     @staticmethod
     def loss(model, batch, dropout_key):

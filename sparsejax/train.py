@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sparsejax.checkpoint import Checkpointer
 from sparsejax.config import (
@@ -49,6 +50,16 @@ from sparsejax.nn import (
     regularization_loss,
 )
 from sparsejax.reporting import Progress, TensorBoardWriter, format_table
+from sparsejax.sharding import (
+    check_transform_sharding,
+    make_mesh,
+    process_rows,
+    put_batch,
+    put_replicated,
+    put_state,
+    state_shardings,
+    to_host,
+)
 from sparsejax.tasks import Task, build_model, build_task
 
 __all__ = ["NonFiniteLossError", "RunDirError", "TrainState", "init_model", "load_model",
@@ -56,7 +67,9 @@ __all__ = ["NonFiniteLossError", "RunDirError", "TrainState", "init_model", "loa
 
 # Keys that may change between a run and its resumption without changing what it computes.
 RESUMABLE_KEYS = ("logging.log_every", "logging.progress", "logging.tensorboard",
-                  "checkpoint.keep", "checkpoint.async_save")
+                  "checkpoint.keep", "checkpoint.async_save",
+                  # a run may continue on another mesh (checkpoints are resharded on restore)
+                  "mesh.data", "mesh.fsdp", "mesh.tensor")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -178,10 +191,14 @@ def make_eval_step(graphdef: nnx.GraphDef, task: Task):
     return eval_step
 
 
-def evaluate(eval_step, state: TrainState, task: Task) -> dict[str, float]:
+def evaluate(eval_step, state: TrainState, task: Task, mesh=None) -> dict[str, float]:
+    """Validation metrics over the task's fixed batches (replicated over ``mesh`` when
+    given, so every process evaluates the same)."""
     sums: dict[str, float] = {}
     for batch in task.eval_batches():
-        for k, v in jax.device_get(eval_step(state.params, state.rest, batch)).items():
+        if mesh is not None:
+            batch = put_replicated(batch, mesh)
+        for k, v in to_host(eval_step(state.params, state.rest, batch)).items():
             sums[k] = sums.get(k, 0.0) + float(v)
     return {k: float(v) for k, v in task.finish_eval(sums).items()}
 
@@ -351,19 +368,29 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
     has_checkpoint = resuming and checkpoints.is_dir() and any(
         p.name.isdigit() for p in checkpoints.iterdir())
     model = init_model(cfg, load_init=not has_checkpoint)
+    mesh = make_mesh(cfg.mesh)
+    check_transform_sharding(model, mesh)
     freeze_weights, _ = mask_training_options(model)
     tx, schedule = build_optimizer(cfg, model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    state = TrainState(params=params, rest=rest, opt_state=tx.init(params),
-                       rng=jax.random.key_data(jax.random.key(cfg.train.seed)))
+    host_state = TrainState(params=params, rest=rest, opt_state=tx.init(params),
+                            rng=jax.random.key_data(jax.random.key(cfg.train.seed))).as_dict()
+    shardings = state_shardings(host_state, mesh)
+    state = TrainState(**put_state(host_state, shardings))
+    rows = process_rows(cfg.data.batch_size, mesh)
+    lead = jax.process_index() == 0  # only process 0 writes files and prints
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    if jax.process_count() > 1:  # every process has read the run dir before it changes
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("sparsejax: run dir checked")
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
     start = ckpt.latest_step() or 0
     prior_seconds = 0.0  # step-loop time of earlier sessions of this run
-    if start:
+    if start:  # restored onto this run's mesh, whatever mesh saved it
         restored, meta = ckpt.restore(start, state.as_dict())
         state = TrainState(**restored)
         if meta["data_position"] != start:
@@ -371,13 +398,13 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
                               f"{meta['data_position']}; the checkpoint is inconsistent")
         prior_seconds = float(meta.get("loop_seconds", 0.0))
     total = cfg.train.steps
-    mode = cfg.logging.progress if verbose else "none"
+    mode = cfg.logging.progress if verbose and lead else "none"
     progress = Progress(total, start, mode=mode)
     if resuming and start:
         progress.message(f"resuming {run_dir} from step {start}")
 
     writer = None
-    if cfg.logging.tensorboard:
+    if cfg.logging.tensorboard and lead:
         # A restarted run hides the events its predecessor wrote after the checkpoint.
         writer = TensorBoardWriter(run_dir, purge_step=start + 1 if resuming else None)
         if not start:
@@ -386,11 +413,19 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
                                  [f"val/{k}" for k in task.eval_metric_names])
 
     use_dropout = cfg.model.dropout > 0
-    train_step = jax.jit(make_train_step(graphdef, task, tx, use_dropout, freeze_weights))
-    eval_step = jax.jit(make_eval_step(graphdef, task))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    train_step = jax.jit(make_train_step(graphdef, task, tx, use_dropout, freeze_weights),
+                         out_shardings=(shardings["params"], shardings["rest"],
+                                        shardings["opt_state"], replicated))
+    eval_step = jax.jit(make_eval_step(graphdef, task), out_shardings=replicated)
     # MaskLLM: which candidate each group would pick, compared between log points.
-    choices_of = jax.jit(lambda p, r: mask_choices(nnx.merge(graphdef, p, r)))
-    last_choices = choices_of(state.params, state.rest)
+    choices_of = jax.jit(lambda p, r: mask_choices(nnx.merge(graphdef, p, r)),
+                         out_shardings=replicated)
+    last_choices = to_host(choices_of(state.params, state.rest))
+
+    def batch_of(step: int) -> dict[str, jax.Array]:
+        return put_batch(task.train_batch(step, rows), mesh, cfg.data.batch_size)
+
     info = task.summary()
     items = task.items_per_batch
     rate_key = f"throughput/{task.item_name}_per_sec"
@@ -399,7 +434,7 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     if start < total:
         step_args = (state.params, state.rest, state.opt_state, state.rng,
-                     task.train_batch(start), np.int32(start))
+                     batch_of(start), np.int32(start))
         train_step = train_step.lower(*step_args).compile()
     compile_seconds = time.perf_counter() - t0
 
@@ -422,7 +457,7 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
         for step in range(start, total):
             params, rest, opt_state, metrics = train_step(
                 state.params, state.rest, state.opt_state, state.rng,
-                task.train_batch(step), np.int32(step))
+                batch_of(step), np.int32(step))
             state = TrainState(params, rest, opt_state, state.rng)
             pending.append((step, metrics))
             interval_steps += 1
@@ -433,7 +468,7 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
                 continue
 
             # Sync point: every pending step is checked before anything is saved.
-            host = jax.device_get([m for _, m in pending])
+            host = to_host([m for _, m in pending])
             seconds = time.perf_counter() - interval_start
             for (s, _), m in zip(pending, host, strict=True):
                 if not m["finite"]:
@@ -450,7 +485,7 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
             scalars = {**last_train, "train/lr": float(schedule(step)),
                        rate_key: interval_steps * items / seconds}
             if last_choices:
-                choices = choices_of(state.params, state.rest)
+                choices = to_host(choices_of(state.params, state.rest))
                 scalars.update(mask_choice_changes(last_choices, choices))
                 last_choices = choices
             if "train/loss" in scalars and task.item_name == "tokens":
@@ -458,7 +493,7 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
             pending.clear()
 
             if do_eval:
-                val = evaluate(eval_step, state, task)
+                val = evaluate(eval_step, state, task, mesh)
                 scalars.update({f"val/{k}": v for k, v in val.items()})
             if writer is not None:
                 writer.scalars(done, scalars)
@@ -471,7 +506,7 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
             save(total)
         jax.block_until_ready(state.params)
         loop_seconds = prior_seconds + time.perf_counter() - loop_start
-        val = evaluate(eval_step, state, task)
+        val = evaluate(eval_step, state, task, mesh)
         if writer is not None and start < total:  # a finished run re-evaluated logs nothing
             writer.scalars(total, {f"val/{k}": v for k, v in val.items()})
             writer.hparams_end()
@@ -496,8 +531,9 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
         "loop_seconds": loop_seconds,
         "compile_seconds": compile_seconds,
     }
-    _write_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    if verbose:
+    if lead:
+        _write_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    if verbose and lead:
         print(format_table([(k, v) for k, v in results.items() if v is not None],
                            title=f"results: {cfg.name}"), flush=True)
     return results
