@@ -25,14 +25,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sparsejax.config import ConfigError, MeshConfig
-from sparsejax.nn import Linear, named_layers
+from sparsejax.nn import BATCH_AXES, Linear, named_layers
 
 __all__ = ["BATCH_AXES", "LOGICAL_AXIS_RULES", "MESH_AXES", "PARAM_AXES", "batch_sharding",
            "check_transform_sharding", "make_mesh", "mesh_shape", "process_rows",
            "put_batch", "put_replicated", "put_state", "spec_for", "state_shardings", "to_host"]
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor")  # BATCH_AXES (data, fsdp) come from sparsejax.nn
 
 # Logical axis -> mesh axis (or None: replicated along it).
 LOGICAL_AXIS_RULES: dict[str, str | None] = {

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sparsejax.checkpoint import Checkpointer
 from sparsejax.config import (
@@ -370,6 +370,13 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
     model = init_model(cfg, load_init=not has_checkpoint)
     mesh = make_mesh(cfg.mesh)
     check_transform_sharding(model, mesh)
+    with jax.set_mesh(mesh):  # models pin their activations to this mesh (shard_batch)
+        return _train_on_mesh(cfg, run_dir, resuming, task, model, mesh, verbose)
+
+
+def _train_on_mesh(cfg: Config, run_dir: Path, resuming: bool, task: Task,
+                   model: nnx.Module, mesh: Mesh, verbose: bool) -> dict[str, Any]:
+    """The body of :func:`run` once the run dir is checked and the mesh is built."""
     freeze_weights, _ = mask_training_options(model)
     tx, schedule = build_optimizer(cfg, model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.nn import Activation, Embed, LayerNorm, Linear, dropout
+from sparsejax.nn import Activation, Embed, LayerNorm, Linear, dropout, shard_batch
 
 __all__ = ["GPT"]
 
@@ -102,9 +102,9 @@ class GPT(nnx.Module):
         if t > self.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.block_size}")
         x = self.wte(ids) + self.wpe(jnp.arange(t))
-        x = dropout(x, self.dropout_rate, _fold(dropout_key, 0))
+        x = shard_batch(dropout(x, self.dropout_rate, _fold(dropout_key, 0)))
         for i, block in enumerate(self.blocks):
-            x = block(x, _fold(dropout_key, i + 1))
+            x = shard_batch(block(x, _fold(dropout_key, i + 1)))
         x = self.ln_f(x)
         logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits.astype(jnp.float32)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.nn import Activation, Linear, dropout
+from sparsejax.nn import Activation, Linear, dropout, shard_batch
 
 __all__ = ["MLPClassifier"]
 
@@ -29,5 +29,5 @@ class MLPClassifier(nnx.Module):
     def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         for i, (layer, act) in enumerate(zip(self.layers, self.acts, strict=True)):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            x = dropout(act(layer(x)), self.dropout_rate, key)
+            x = shard_batch(dropout(act(layer(x)), self.dropout_rate, key))
         return self.head(x).astype(jnp.float32)

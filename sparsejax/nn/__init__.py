@@ -6,6 +6,7 @@ by its module path and give it a transform without touching model code.
 
 from sparsejax.nn.layers import (
     ACTIVATIONS,
+    BATCH_AXES,
     MASK_STAT_NAMES,
     Activation,
     AnalogState,
@@ -20,6 +21,7 @@ from sparsejax.nn.layers import (
     SparsityState,
     dropout,
     pack_model,
+    shard_batch,
 )
 from sparsejax.nn.rules import (
     analog_layers,
@@ -37,9 +39,10 @@ from sparsejax.nn.rules import (
     sparse_layers,
 )
 
-__all__ = ["ACTIVATIONS", "MASK_STAT_NAMES", "Activation", "AnalogState", "AnalogWeights",
+__all__ = ["ACTIVATIONS", "BATCH_AXES", "MASK_STAT_NAMES", "Activation", "AnalogState",
+           "AnalogWeights",
            "Embed", "LSQQuantizer", "LayerNorm", "Linear", "MaskLogits", "PackedState",
            "QuantState", "SparsityState", "analog_layers", "apply_rules", "assign_rules",
            "dropout", "layer_metrics", "mask_choice_changes", "mask_choices", "mask_layers",
            "mask_training_options", "named_layers", "pack_model", "quant_metrics",
-           "quantized_layers", "regularization_loss", "sparse_layers"]
+           "quantized_layers", "regularization_loss", "shard_batch", "sparse_layers"]

@@ -42,9 +42,10 @@ from sparsejax.sparsity import (
     sste_scale,
 )
 
-__all__ = ["ACTIVATIONS", "MASK_STAT_NAMES", "Activation", "AnalogState", "AnalogWeights",
+__all__ = ["ACTIVATIONS", "BATCH_AXES", "MASK_STAT_NAMES", "Activation", "AnalogState",
+           "AnalogWeights",
            "Embed", "LSQQuantizer", "LayerNorm", "Linear", "MaskLogits", "PackedState",
-           "QuantState", "SparsityState", "dropout", "pack_model"]
+           "QuantState", "SparsityState", "dropout", "pack_model", "shard_batch"]
 
 # What a MaskLLM layer records about its last training call (``Linear.mask_stats``): the
 # regulariser term it adds to the loss (``-lambda * sum (W * M)^2``, with its gradient
@@ -476,6 +477,24 @@ class LayerNorm(nnx.Module):
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
         return y.astype(self.dtype or x.dtype)
+
+
+# Mesh axes that split the batch (see ``sparsejax.sharding``; the convention lives here so
+# that models can pin their activations without importing the launcher's sharding code).
+BATCH_AXES = ("data", "fsdp")
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+    """Pin ``x`` (batch first) to the batch sharding of the ambient mesh (``jax.set_mesh``,
+    set by the trainer), its other axes replicated; identity without a mesh. Models call
+    it on the residual stream so that FSDP gathers weights instead of activations."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
