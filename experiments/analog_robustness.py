@@ -159,31 +159,31 @@ def markdown(rows: list[dict], args, cmd: str) -> list[str]:
     return lines
 
 
-def plots(rows: list[dict], args, out: Path) -> None:
+def _draw(ax, rows: list[dict], task: str, test: str) -> str:
+    """One errorbar line per training variant of ``task`` under ``test``; returns the
+    metric's name."""
+    for name in dict.fromkeys(r["trained"] for r in rows if r["task"] == task):
+        pts = _pick(rows, task, name, test)
+        ax.errorbar([r["level"] for r in pts], [r["mean"] for r in pts],
+                    yerr=[r["std"] for r in pts], marker="o", ms=3, capsize=2, label=name)
+    return f"val {pts[0]['metric']}"
+
+
+def plots(rows: list[dict], out: Path) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 6.4), squeeze=False)
     for row_axes, test in zip(axes, ("pcm", "pcm (no comp.)"), strict=True):
         for ax, task in zip(row_axes, tasks, strict=True):
-            for name in dict.fromkeys(r["trained"] for r in rows if r["task"] == task):
-                pcm = _pick(rows, task, name, test)
-                ax.errorbar([r["level"] for r in pcm], [r["mean"] for r in pcm],
-                            yerr=[r["std"] for r in pcm], marker="o", ms=3, capsize=2,
-                            label=name)
             comp = "drift compensated" if test == "pcm" else "no drift compensation"
             ax.set(xscale="log", xlabel="seconds after programming",
-                   ylabel=f"val {pcm[0]['metric']}", title=f"{task.upper()} on PCM, {comp}")
+                   ylabel=_draw(ax, rows, task, test), title=f"{task.upper()} on PCM, {comp}")
     save_figure(fig, out / "pcm_drift.png", fontsize=7)
     fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.4 * len(tasks)), squeeze=False)
     for row_axes, task in zip(axes, tasks, strict=True):
         for ax, test in zip(row_axes, ("act", "act corr."), strict=True):
-            for name in dict.fromkeys(r["trained"] for r in rows if r["task"] == task):
-                pts = _pick(rows, task, name, test)
-                ax.errorbar([r["level"] for r in pts], [r["mean"] for r in pts],
-                            yerr=[r["std"] for r in pts], marker="o", ms=3, capsize=2,
-                            label=name)
             kind = "correlated" if test == "act corr." else "uncorrelated"
             ax.set(xlabel="activation noise std in evaluation",
-                   ylabel=f"val {pts[0]['metric']}", title=f"{task.upper()}, {kind} noise")
+                   ylabel=_draw(ax, rows, task, test), title=f"{task.upper()}, {kind} noise")
     save_figure(fig, out / "activation_noise.png", fontsize=7)
 
 
@@ -223,7 +223,7 @@ def main() -> None:
                     *(f"--gpt-override {o}" for o in args.gpt_override)])
     lines = markdown(rows, args, cmd)
     (out / "results.md").write_text("\n".join(lines))
-    plots(rows, args, out)
+    plots(rows, out)
     print("\n".join(lines))
 
 

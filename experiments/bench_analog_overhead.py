@@ -20,10 +20,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import jax
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import overhead_args, step_time_rows, time_variants, write_results  # noqa: E402
+from common import overhead_args, overhead_report, time_variants  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LINEARS = "blocks/\\d+/(attn/(qkv|proj)|mlp/(fc|proj))"
@@ -57,21 +55,13 @@ def main() -> None:
     args = overhead_args(__doc__.splitlines()[0],
                          REPO / "experiments/results/bench_analog_overhead")
     times, ratio = time_variants(args.config, VARIANTS, args.steps, args.rounds)
-    lines = ["# Analog noise-injected training step time over the clean step (bfloat16, "
-             "simulated analog)", "",
-             f"Command: `python experiments/bench_analog_overhead.py --steps {args.steps} "
-             f"--rounds {args.rounds}`  ",
-             f"Config `{Path(args.config).name}` with `model.dtype=bfloat16`; analog rules on "
-             f"every block linear (`{LINEARS}`) and MLP activation (`{ACTS}`); "
-             f"{jax.device_count()} x {jax.devices()[0].platform}, jax {jax.__version__}; "
-             "median over rounds of the per-round ratio.", "",
-             "| variant | step time (ms, median) | ratio to clean | target |",
-             "|---|---|---|---|"]
-    lines += step_time_rows(times, ratio, TARGETS)
-    lines += ["", "Noise is drawn once per step per layer (one `jax.random.normal` of the "
-              "weight's shape, of the activation's shape), keyed by a checkpointed counter.",
-              ""]
-    write_results(args.out, lines)
+    overhead_report("Analog noise-injected training step time over the clean step "
+                    "(bfloat16, simulated analog)", "bench_analog_overhead.py", args,
+                    f" with `model.dtype=bfloat16`; analog rules on every block linear "
+                    f"(`{LINEARS}`) and MLP activation (`{ACTS}`)", "clean", times, ratio,
+                    TARGETS, "Noise is drawn once per step per layer (one `jax.random.normal` "
+                    "of the weight's shape, of the activation's shape), keyed by a "
+                    "checkpointed counter.")
 
 
 if __name__ == "__main__":

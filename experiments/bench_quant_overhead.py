@@ -18,10 +18,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import jax
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import overhead_args, step_time_rows, time_variants, write_results  # noqa: E402
+from common import overhead_args, overhead_report, time_variants  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LINEARS = "blocks/\\d+/(attn/(qkv|proj)|mlp/(fc|proj))"
@@ -47,19 +45,12 @@ def main() -> None:
                          REPO / "experiments/results/bench_quant_overhead")
 
     times, ratio = time_variants(args.config, VARIANTS, args.steps, args.rounds)
-    lines = ["# Quantised training step time over full precision (simulated quantisation)", "",
-             f"Command: `python experiments/bench_quant_overhead.py --steps {args.steps} "
-             f"--rounds {args.rounds}`  ",
-             f"Config `{Path(args.config).name}`, weights and input activations of every "
-             f"block linear quantised, blocks of 128; {jax.device_count()} x "
-             f"{jax.devices()[0].platform}, jax {jax.__version__}; median over rounds of the "
-             "per-round ratio.", "",
-             "| variant | step time (ms, median) | ratio to full precision | target |",
-             "|---|---|---|---|"]
-    lines += step_time_rows(times, ratio, TARGETS)
-    lines += ["", "Each step includes the per-layer quantisation diagnostics the trainer logs "
-              "(MSE before/after denoising, s_g, clipped fraction).", ""]
-    write_results(args.out, lines)
+    overhead_report("Quantised training step time over full precision (simulated "
+                    "quantisation)", "bench_quant_overhead.py", args,
+                    ", weights and input activations of every block linear quantised, blocks "
+                    "of 128", "full precision", times, ratio, TARGETS,
+                    "Each step includes the per-layer quantisation diagnostics the trainer "
+                    "logs (MSE before/after denoising, s_g, clipped fraction).")
 
 
 if __name__ == "__main__":

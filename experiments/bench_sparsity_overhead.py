@@ -17,10 +17,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import jax
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import overhead_args, step_time_rows, time_variants, write_results  # noqa: E402
+from common import overhead_args, overhead_report, time_variants  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FFN = "blocks/\\d+/mlp/(fc|proj)"
@@ -39,17 +37,10 @@ def main() -> None:
 
     times, ratio = time_variants(args.config, VARIANTS, args.steps, args.rounds)
     targets = {"sste": 1.10, "sste+mvue": 1.25}
-    lines = ["# N:M sparse training step time over dense (simulated sparsity)", "",
-             f"Command: `python experiments/bench_sparsity_overhead.py --steps {args.steps} "
-             f"--rounds {args.rounds}`  ",
-             f"Config `{Path(args.config).name}` (FFN linears 2:4), {jax.device_count()} x "
-             f"{jax.devices()[0].platform}, jax {jax.__version__}; median over rounds of the "
-             "per-round ratio.", "",
-             "| variant | step time (ms, median) | ratio to dense | target |", "|---|---|---|---|"]
-    lines += step_time_rows(times, ratio, targets)
-    lines += ["", "Each step includes the per-layer sparsity metrics the trainer logs (flip "
-              "rate, realised sparsity, near-threshold fraction).", ""]
-    write_results(args.out, lines)
+    overhead_report("N:M sparse training step time over dense (simulated sparsity)",
+                    "bench_sparsity_overhead.py", args, " (FFN linears 2:4)", "dense", times,
+                    ratio, targets, "Each step includes the per-layer sparsity metrics the "
+                    "trainer logs (flip rate, realised sparsity, near-threshold fraction).")
 
 
 if __name__ == "__main__":

@@ -133,6 +133,23 @@ def time_variants(config: str, variants: dict[str, list[str]], steps: int, round
     return times, ratio
 
 
+def overhead_report(title: str, script: str, args, setup: str, baseline: str,
+                    times: dict[str, list[float]], ratio: dict[str, float],
+                    targets: dict[str, float], footer: str) -> None:
+    """Write and print the ``results.md`` of a step-time overhead benchmark: title, the
+    command, ``setup`` (what the variants change), the machine, the table of
+    :func:`step_time_rows` against ``baseline`` and a ``footer`` paragraph."""
+    lines = [f"# {title}", "",
+             f"Command: `python experiments/{script} --steps {args.steps} "
+             f"--rounds {args.rounds}`  ",
+             f"Config `{Path(args.config).name}`{setup}; {jax.device_count()} x "
+             f"{jax.devices()[0].platform}, jax {jax.__version__}; median over rounds of the "
+             "per-round ratio.", "",
+             f"| variant | step time (ms, median) | ratio to {baseline} | target |",
+             "|---|---|---|---|", *step_time_rows(times, ratio, targets), "", footer, ""]
+    write_results(args.out, lines)
+
+
 def step_time_rows(times: dict[str, list[float]], ratio: dict[str, float],
                    targets: dict[str, float]) -> list[str]:
     """Markdown rows ``| variant | median ms | ratio | target |`` of :func:`time_variants`."""
