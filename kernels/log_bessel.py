@@ -1,0 +1,399 @@
+"""Logarithms of the modified Bessel functions I_v(x) and K_v(x): the elementwise algorithm,
+a Pallas kernel that runs it, and the pure-JAX reference.
+
+Algorithm (METHODS.md 6; Plesner, Sorensen, Hauberg, ICS 2024): everything in log space,
+one of three formulas per point, chosen by :func:`region_of` (``v >= 0``, ``x > 0``):
+
+* ``HANKEL`` (``x > 30`` and ``v^2 < 2x``): the large-argument expansion (DLMF 10.40.1-2),
+  20 terms, ``c_k = c_{k-1} (mu - (2k-1)^2) / (8 k x)`` with ``mu = 4 v^2`` (alternating
+  signs for I). Under ``v^2 < 2x`` term 20 is below ``1/20! ~ 4e-19`` of the first (this
+  is the guard of the independent port in METHODS.md; it replaces the reference's 3-term
+  branch, which only saves time).
+* ``UNIFORM`` (else if ``v > 12.7``, or ``x > 19.69`` and ``v > 0.7``): the Debye
+  expansion (DLMF 10.41.3-4) with ``u_0 .. u_13``; the polynomials are generated exactly
+  (rational arithmetic) from DLMF 10.41.9 at import, not typed in.
+* ``SMALL`` (the rest, so ``x <= 30`` and ``v <= 12.7``): for I the power series
+  ``I_v(x) = (x/2)^v / Gamma(v+1) sum_k (x^2/4)^k / (k! (v+1)_k)``, 64 terms summed
+  backwards (Horner) from term ratios, so no lgamma per term; for K the integral
+  ``K_v(x) = int_0^inf exp(-x cosh t) cosh(v t) dt`` by the trapezoidal rule on 128 nodes
+  in log space (the paper integrates Rothwell's representation instead; the trapezoidal
+  rule converges geometrically for this analytic, double-exponentially decaying
+  integrand and needs no special functions).
+
+``lgamma(v + 1)`` of the series comes from Stirling's series after an 8-step upward shift
+(Triton has no lgamma, so nothing here uses one). Negative orders use
+``I_{-v} = I_v + (2/pi) sin(pi v) K_v`` (NaN where that is negative) and ``K_{-v} = K_v``.
+Edge cases: ``x = 0`` gives ``log I_0 = 0``, ``log I_v = -inf`` (v > 0, or a negative
+integer), ``+inf`` for ``-1 < v < 0`` (generally: where ``1/Gamma(v+1) > 0``, NaN where
+negative), ``log K = +inf``; ``x < 0`` gives NaN; NaN in, NaN out; ``x = inf`` gives
+``log I = inf``, ``log K = -inf`` and ``-inf`` for both scaled forms; ``|v| = inf`` (x
+finite) gives ``log I = -inf``, ``log K = inf``.
+
+``log_bessel(v, x, kind, scaled)`` is an elementwise Pallas kernel: each block computes
+all three formulas and selects (a GPU/TPU lane cannot skip work its neighbours need);
+``sparsejax.special`` is the XLA version that evaluates each formula only on the points
+that need it, and adds derivatives. ``log_bessel_reference`` is the same elementwise
+algorithm in plain ``jax.numpy``: the kernel's reference in the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+__all__ = ["HANKEL", "KINDS", "SMALL", "UNIFORM", "BlockSize", "assemble", "common_float",
+           "log_bessel",
+           "log_bessel_reference", "log_bessel_region", "region_of", "safe_point"]
+
+HANKEL, UNIFORM, SMALL = 0, 1, 2
+KINDS = ("i", "k")
+HANKEL_TERMS = 20
+DEBYE_TERMS = 14  # u_0 .. u_13
+SERIES_TERMS = 64
+QUADRATURE_NODES = 128
+# The reference implementation's uniform-expansion boundaries (METHODS.md 6).
+UNIFORM_V, UNIFORM_X, UNIFORM_V_MIN = 12.7, 19.69, 0.7
+HANKEL_X = 30.0
+_LOG_2PI = math.log(2 * math.pi)
+
+
+# --------------------------------------------------------------------------- coefficients
+
+
+def _debye_polynomials(count: int) -> list[list[Fraction]]:
+    """Coefficients (ascending powers of t) of the Debye polynomials u_0 .. u_{count-1}:
+    ``u_{k+1}(t) = t^2 (1 - t^2) u_k'(t) / 2 + (1/8) int_0^t (1 - 5 s^2) u_k(s) ds``
+    (DLMF 10.41.9), in exact rational arithmetic."""
+    polys = [[Fraction(1)]]
+    for _ in range(count - 1):
+        u = polys[-1]
+        nxt = [Fraction(0)] * (len(u) + 3)
+        for p, c in enumerate(u):
+            if p:  # t^2 (1 - t^2) / 2 * p c t^(p-1)
+                nxt[p + 1] += c * p / 2
+                nxt[p + 3] -= c * p / 2
+            nxt[p + 1] += c / (8 * (p + 1))  # (1/8) int (1 - 5 s^2) c s^p
+            nxt[p + 3] -= 5 * c / (8 * (p + 3))
+        polys.append(nxt)
+    return polys
+
+
+_DEBYE = [[float(c) for c in poly] for poly in _debye_polynomials(DEBYE_TERMS)]
+# Stirling's series coefficients B_2k / (2k (2k - 1)), k = 1..8.
+_STIRLING = (1 / 12, -1 / 360, 1 / 1260, -1 / 1680, 1 / 1188, -691 / 360360, 1 / 156,
+             -3617 / 122400)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _lgamma1p(v: jax.Array) -> jax.Array:
+    """``lgamma(v + 1)`` for ``v >= 0`` without an lgamma primitive: Stirling's series at
+    ``y = v + 9`` (8 terms; error < 1e-17 there) minus ``log((v+1)(v+2)...(v+8))``."""
+    y = v + 9.0
+    inv, inv2 = 1.0 / y, 1.0 / (y * y)
+    tail = _STIRLING[-1]
+    for c in reversed(_STIRLING[:-1]):
+        tail = c + inv2 * tail
+    stirling = (y - 0.5) * jnp.log(y) - y + 0.5 * _LOG_2PI + inv * tail
+    shift = v + 1.0
+    for j in range(2, 9):
+        shift = shift * (v + j)
+    return stirling - jnp.log(shift)
+
+
+def _asinh_pos(y: jax.Array) -> jax.Array:
+    """``asinh(y)`` for ``y >= 0`` from log and sqrt (Mosaic has no asinh); ``log(2y)``
+    once ``y^2`` would overflow float32 (there ``1/y^2`` is below float64's epsilon)."""
+    big = y > 1e8
+    ys = jnp.where(big, 1.0, y)
+    return jnp.where(big, jnp.log(2.0 * y), jnp.log(ys + jnp.sqrt(ys * ys + 1.0)))
+
+
+def _acosh(w: jax.Array) -> jax.Array:
+    """``acosh(w)`` for ``w >= 1`` from log and sqrt (Mosaic and Triton have none)."""
+    big = w > 1e8
+    ws = jnp.where(big, 1.0, w)
+    return jnp.where(big, jnp.log(2.0 * w), jnp.log(ws + jnp.sqrt((ws - 1.0) * (ws + 1.0))))
+
+
+def _round(y: jax.Array) -> jax.Array:
+    """Nearest integer (halves up) from floor: Triton has no round."""
+    return jnp.floor(y + 0.5)
+
+
+def _log_cosh(y: jax.Array) -> jax.Array:
+    """``log cosh(y)`` for ``y >= 0`` without overflow."""
+    return y + jnp.log1p(jnp.exp(-2.0 * y)) - math.log(2.0)
+
+
+def _hankel(v, x, kind: str, scaled: bool):
+    """DLMF 10.40.1 (I) / 10.40.2 (K), ``HANKEL_TERMS`` terms."""
+    mu = 4.0 * v * v
+    sign = -1.0 if kind == "i" else 1.0
+    term = jnp.ones_like(x)
+    total = jnp.ones_like(x)
+    for k in range(1, HANKEL_TERMS):
+        term = term * (sign * (mu - (2 * k - 1) ** 2)) / (8.0 * k * x)
+        total = total + term
+    if kind == "i":
+        return (0.0 if scaled else x) - 0.5 * (_LOG_2PI + jnp.log(x)) + jnp.log(total)
+    return 0.5 * (math.log(math.pi / 2) - jnp.log(x)) - (0.0 if scaled else x) + jnp.log(total)
+
+
+def _uniform(v, x, kind: str, scaled: bool):
+    """DLMF 10.41.3 (I) / 10.41.4 (K) with ``u_0 .. u_13``; ``v > 0``."""
+    z = x / v
+    root = jnp.sqrt(1.0 + z * z)
+    t = 1.0 / root
+    # eta = root + log(z / (1 + root)); the scaled forms need eta - z (log I - x =
+    # ... + v (eta - z), log K + x = ... - v (eta - z)), with root - z = 1 / (root + z)
+    # computed without cancellation.
+    log_ratio = jnp.log(z) - jnp.log1p(root)
+    eta = (1.0 / (root + z) if scaled else root) + log_ratio
+    inv_v = 1.0 / v
+    total = jnp.zeros_like(x)
+    for k in reversed(range(DEBYE_TERMS)):
+        coeffs = _DEBYE[k]
+        u = jnp.full_like(t, coeffs[-1])
+        for c in reversed(coeffs[:-1]):
+            u = u * t + c
+        sign = -1.0 if (kind == "k" and k % 2) else 1.0
+        total = total * inv_v + sign * u
+    common = -0.25 * jnp.log1p(z * z) + jnp.log(total)
+    if kind == "i":
+        return -0.5 * (_LOG_2PI + jnp.log(v)) + v * eta + common
+    # K: -v eta, and the scaled form adds x: -v (eta - z)
+    return 0.5 * (math.log(math.pi / 2) - jnp.log(v)) - v * eta + common
+
+
+def _series_i(v, x, scaled: bool):
+    """``log I_v(x)`` from the power series (DLMF 10.25.2), ``SERIES_TERMS`` terms."""
+    q = 0.25 * x * x
+    total = jnp.ones_like(x)
+    for k in reversed(range(1, SERIES_TERMS)):
+        total = 1.0 + total * q / (k * (k + v))
+    value = v * (jnp.log(x) - math.log(2.0)) - _lgamma1p(v) + jnp.log(total)
+    return value - x if scaled else value
+
+
+def _integral_k(v, x, scaled: bool):
+    """``log K_v(x)`` from ``int_0^inf exp(-x cosh t) cosh(v t) dt`` (DLMF 10.32.9),
+    trapezoidal rule on ``QUADRATURE_NODES`` nodes of ``[0, T]`` in log space. ``T``
+    solves ``x (cosh T - 1) = 45 + v T`` (three fixed-point steps from above the peak), so
+    the integrand has fallen by > e^40 from its peak near ``asinh(v / x)``."""
+    peak = _asinh_pos(v / x)
+    end = peak + 2.0
+    for _ in range(3):
+        end = _acosh(1.0 + (45.0 + v * end) / x)
+    h = end / (QUADRATURE_NODES - 1)
+
+    def log_integrand(t):  # scaled by exp(x): -x (cosh t - 1) + log cosh(v t)
+        half = 0.5 * t  # sinh from exp (Mosaic has no sinh); the terms are small for small t
+        s = 0.5 * (jnp.exp(half) - jnp.exp(-half))
+        return -2.0 * x * s * s + _log_cosh(v * t)
+
+    shift = log_integrand(jnp.minimum(peak, end))  # <= the maximum: exp() cannot overflow
+    total = 0.5 * jnp.exp(log_integrand(jnp.zeros_like(x)) - shift)
+    for j in range(1, QUADRATURE_NODES):
+        total = total + jnp.exp(log_integrand(j * h) - shift)
+    value = jnp.log(h) + shift + jnp.log(total)
+    return value if scaled else value - x
+
+
+def region_of(v: jax.Array, x: jax.Array) -> jax.Array:
+    """Which formula serves ``(v, x)`` (``v >= 0``, ``x > 0``): ``HANKEL``, ``UNIFORM`` or
+    ``SMALL``, as int32."""
+    hankel = (x > HANKEL_X) & (v * v < 2.0 * x)
+    uniform = (v > UNIFORM_V) | ((x > UNIFORM_X) & (v > UNIFORM_V_MIN))
+    return jnp.where(hankel, HANKEL, jnp.where(uniform, UNIFORM, SMALL)).astype(jnp.int32)
+
+
+def safe_point(region: int) -> tuple[float, float]:
+    """A ``(v, x)`` inside ``region``: what lanes that belong elsewhere compute there."""
+    return {HANKEL: (1.0, 100.0), UNIFORM: (20.0, 20.0), SMALL: (1.0, 1.0)}[region]
+
+
+def log_bessel_region(region: int, kind: str, scaled: bool
+                      ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The formula of ``region`` as an elementwise ``(v, x) -> log value`` (``v >= 0``,
+    ``x > 0``, both inside the region)."""
+    if region == HANKEL:
+        return lambda v, x: _hankel(v, x, kind, scaled)
+    if region == UNIFORM:
+        return lambda v, x: _uniform(v, x, kind, scaled)
+    if kind == "i":
+        return lambda v, x: _series_i(v, x, scaled)
+    return lambda v, x: _integral_k(v, x, scaled)
+
+
+def _positive_order_select(v, x, kind: str, scaled: bool):
+    """All three formulas with sanitised inputs, then a select (v >= 0, x > 0 finite)."""
+    region = region_of(v, x)
+    out = jnp.zeros_like(x)
+    for r in (HANKEL, UNIFORM, SMALL):
+        inside = region == r
+        sv, sx = safe_point(r)
+        value = log_bessel_region(r, kind, scaled)(jnp.where(inside, v, sv),
+                                                   jnp.where(inside, x, sx))
+        out = jnp.where(inside, value, out)
+    return out
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def _sin_pi(v):
+    """``sin(pi v)``, exactly 0 at integers."""
+    r = v - 2.0 * _round(0.5 * v)  # in [-1, 1]
+    return jnp.where(r == jnp.floor(r), 0.0, jnp.sin(math.pi * r))
+
+
+def assemble(v: jax.Array, x: jax.Array, kind: str, scaled: bool,
+             positive: Callable[[jax.Array, jax.Array, str, bool], jax.Array]) -> jax.Array:
+    """The full function from ``positive(a, x, kind, scaled)``, which evaluates ``a >= 0``,
+    ``x > 0`` finite: negative orders (reflection) and the edge cases of the module
+    docstring. ``v`` and ``x`` are broadcast arrays of one float dtype."""
+    a = jnp.abs(v)
+    interior = (x > 0) & jnp.isfinite(x) & jnp.isfinite(a)
+    a_s, x_s = jnp.where(interior, a, 1.0), jnp.where(interior, x, 1.0)
+    value = positive(a_s, x_s, kind, scaled)
+    if kind == "i":
+        s = _sin_pi(a_s)
+        log_k = positive(a_s, x_s, "k", scaled)
+        if scaled:  # log K - log I in scaled forms carries an extra -2x
+            log_k = log_k - 2.0 * x_s
+        b = jnp.log(2.0 / math.pi * jnp.maximum(jnp.abs(s), 1e-300)) + log_k
+        plus = jnp.logaddexp(value, b)
+        minus = jnp.where(b < value, value + jnp.log1p(-jnp.exp(jnp.minimum(b - value, 0.0))),
+                          jnp.nan)
+        reflected = jnp.where(s > 0, plus, jnp.where(s < 0, minus, value))
+        value = jnp.where(v < 0, reflected, value)
+    # edge cases
+    inf = math.inf
+    if kind == "i":
+        y = v + 1.0  # sign of 1 / Gamma(v + 1) decides I_v(0+) for negative non-integer v
+        floor_y = jnp.floor(y)
+        gamma_positive = (y > 0) | (floor_y - 2.0 * jnp.floor(0.5 * floor_y) == 0)
+        negative_fraction = (v < 0) & (_sin_pi(v) != 0)
+        at_zero = jnp.where(v == 0, 0.0, jnp.where(negative_fraction,
+                                                   jnp.where(gamma_positive, inf, jnp.nan),
+                                                   -inf))
+        at_inf = -inf if scaled else inf
+        order_inf = -inf
+    else:
+        at_zero, at_inf, order_inf = inf, -inf, inf
+    value = jnp.where(x == 0, at_zero, value)
+    value = jnp.where(jnp.isposinf(x) & jnp.isfinite(v), at_inf, value)
+    value = jnp.where(jnp.isinf(v) & jnp.isfinite(x) & (x > 0), order_inf, value)
+    bad = (x < 0) | jnp.isnan(x) | jnp.isnan(v) | (jnp.isinf(v) & jnp.isinf(x))
+    return jnp.where(bad, jnp.nan, value)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind '{kind}' is not one of {'|'.join(KINDS)}")
+
+
+def common_float(v, x) -> tuple[jax.Array, jax.Array]:
+    """``v`` and ``x`` broadcast to one float dtype: theirs (Python scalars take JAX's
+    default float), float32 for half precision and non-float inputs."""
+    dtype = jnp.result_type(v, x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.result_type(float)
+    if jnp.dtype(dtype).itemsize < 4:
+        dtype = jnp.float32
+    v, x = jnp.broadcast_arrays(jnp.asarray(v, dtype), jnp.asarray(x, dtype))
+    return v, x
+
+
+def log_bessel_reference(v: jax.Array, x: jax.Array, kind: str = "i", scaled: bool = False
+                         ) -> jax.Array:
+    """``log I_v(x)`` (``kind="i"``) or ``log K_v(x)`` (``"k"``); ``scaled`` gives
+    ``log I_v(x) - x`` / ``log K_v(x) + x``. Broadcasts ``v`` and ``x``; float32 or
+    float64 (other dtypes compute in float32). Every formula is computed for every point
+    (plain ``jax.numpy``): the kernel's reference."""
+    _check_kind(kind)
+    v, x = common_float(v, x)
+    return assemble(v, x, kind, scaled, _positive_order_select)
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSize:
+    """Elements per kernel program: ``rows x 128`` lanes (TPU tiles need ``rows`` to be a
+    multiple of 8)."""
+
+    rows: int = 8
+
+    def __post_init__(self):
+        if self.rows <= 0 or self.rows % 8:
+            raise ValueError(f"BlockSize.rows must be a positive multiple of 8, got {self.rows}")
+
+
+LANES = 128
+
+
+def _kernel(v_ref, x_ref, o_ref, *, kind: str, scaled: bool):
+    o_ref[...] = assemble(v_ref[...], x_ref[...], kind, scaled, _positive_order_select)
+
+
+def _platform(platform: str | None) -> str:
+    return platform or jax.default_backend()
+
+
+def log_bessel(v: jax.Array, x: jax.Array, kind: str = "i", scaled: bool = False, *,
+               block_size: BlockSize | None = None, interpret: bool | None = None,
+               platform: str | None = None) -> jax.Array:
+    """The Pallas kernel: same values as :func:`log_bessel_reference` (same algorithm).
+
+    Inputs are broadcast, flattened and padded to ``(rows, 128)`` blocks; each program
+    computes one block. ``interpret=None`` interprets on CPU. ``platform`` (``cuda`` |
+    ``tpu``) picks the compiler parameters when lowering for another backend (e.g. for
+    ``jax.export``). Float32 everywhere; float64 where the backend has it (GPU, CPU
+    interpret; not TPU). No derivatives: use ``sparsejax.special`` to differentiate.
+    """
+    _check_kind(kind)
+    block_size = block_size or BlockSize()
+    v, x = common_float(v, x)
+    shape = v.shape
+    size = max(v.size, 1)
+    per_block = block_size.rows * LANES
+    blocks = -(-size // per_block)
+    padded = blocks * per_block
+
+    def flat(a, fill):
+        a = a.reshape(-1)
+        return jnp.pad(a, (0, padded - a.size), constant_values=fill).reshape(-1, LANES)
+
+    vf, xf = flat(v, 1.0), flat(x, 1.0)
+    platform = _platform(platform)
+    if interpret is None:
+        interpret = platform == "cpu"
+    spec = pl.BlockSpec((block_size.rows, LANES), lambda i: (i, 0))
+    params = None
+    if not interpret:
+        if platform in ("cuda", "gpu", "rocm"):
+            from jax.experimental.pallas import triton as pltriton
+
+            params = pltriton.CompilerParams(num_warps=4, num_stages=1)
+        elif platform == "tpu":
+            from jax.experimental.pallas import tpu as pltpu
+
+            params = pltpu.CompilerParams(dimension_semantics=("parallel",))
+    out = pl.pallas_call(
+        functools.partial(_kernel, kind=kind, scaled=scaled),
+        grid=(blocks,), in_specs=[spec, spec], out_specs=spec,
+        out_shape=jax.ShapeDtypeStruct(vf.shape, vf.dtype),
+        compiler_params=params, interpret=interpret)(vf, xf)
+    return out.reshape(-1)[: v.size].reshape(shape)
+

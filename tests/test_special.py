@@ -1,0 +1,185 @@
+"""sparsejax.special (log I, log K in XLA, derivatives) and the Pallas kernel
+sparsejax.kernels.log_bessel against mpmath values shipped in tests/data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from sparsejax.kernels.log_bessel import BlockSize, log_bessel, log_bessel_reference
+from sparsejax.special import log_ive, log_iv, log_kv, log_kve
+
+VALUES = json.loads((Path(__file__).parent / "data" / "log_bessel_mpmath.json").read_text())
+FUNCTIONS = {"i": log_iv, "k": log_kv}
+
+
+def _truth(kind: str):
+    """``(v, x, value)`` arrays of the mpmath points with a value (I: positive I only)."""
+    rows = [r for r in VALUES if r[kind] is not None
+            and not (kind == "i" and r.get("i_negative"))]
+    return (np.array([r["v"] for r in rows]), np.array([r["x"] for r in rows]),
+            np.array([float(r[kind]) for r in rows]))
+
+
+def _rel_err(ours, truth):
+    return np.abs(np.asarray(ours, np.float64) - truth) / np.maximum(1.0, np.abs(truth))
+
+
+@pytest.mark.parametrize("kind", ["i", "k"])
+def test_float64_matches_mpmath_to_1e_13(kind):
+    v, x, truth = _truth(kind)
+    assert len(truth) > 170
+    with jax.enable_x64(True):
+        ours = FUNCTIONS[kind](jnp.asarray(v), jnp.asarray(x))
+        assert ours.dtype == jnp.float64
+        err = _rel_err(ours, truth)
+    assert err.max() <= 1e-13, (v[err.argmax()], x[err.argmax()], err.max())
+
+
+@pytest.mark.parametrize("kind", ["i", "k"])
+def test_float32_matches_mpmath_to_1e_5_and_2e_6_away_from_cancellation(kind):
+    v, x, truth = _truth(kind)
+    ours = FUNCTIONS[kind](jnp.asarray(v, jnp.float32), jnp.asarray(x, jnp.float32))
+    assert ours.dtype == jnp.float32
+    # the inputs themselves are rounded to float32: compare with the truth at those inputs
+    # only where that rounding is exact (all grid points but 0.3, 1e-6, 1e-3, 0.1, 0.9)
+    exact = (np.float32(v) == v) & (np.float32(x) == x)
+    err = _rel_err(ours, truth)
+    assert exact.sum() > 90 and err[exact].max() <= 1e-5, err[exact].max()
+    # The target 2e-6 is missed only where the uniform expansion's v * eta cancels: at
+    # v = 1500, x = 1000 eta = sqrt(1 + z^2) - asinh(1 / z) ~ 0.0076 from terms ~ 1.2,
+    # so float32 leaves ~1e-4 absolute on log I ~ 6 (issue 7 note).
+    cancels = (v >= 1000) & (x >= 0.5 * v) & (x <= v)
+    assert err[exact & ~cancels].max() <= 2e-6, err[exact & ~cancels].max()
+
+
+def test_negative_order_where_i_is_negative_is_nan():
+    rows = [r for r in VALUES if r.get("i_negative") and r["i"] is not None]
+    assert rows
+    with jax.enable_x64(True):
+        out = log_iv(jnp.array([r["v"] for r in rows]), jnp.array([r["x"] for r in rows]))
+    assert np.all(np.isnan(out))
+
+
+def test_scaled_forms_are_the_logs_minus_and_plus_x():
+    v, x, truth = _truth("i")
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(log_ive(v, x), truth - x, rtol=1e-13,
+                                   atol=1e-13 * np.max(np.abs(truth)))
+        v, x, truth = _truth("k")
+        np.testing.assert_allclose(log_kve(v, x), truth + x, rtol=1e-13,
+                                   atol=1e-13 * np.max(np.abs(truth)))
+
+
+def test_large_orders_stay_finite_where_scipy_underflows():
+    scipy_special = pytest.importorskip("scipy.special")
+    with jax.enable_x64(True):
+        ours = log_ive(jnp.array([600.0, 1e4]), jnp.array([100.0, 1e3]))
+    assert np.all(np.isfinite(ours))
+    assert np.all(scipy_special.ive([600.0, 1e4], [100.0, 1e3]) == 0)  # log(0) = -inf
+
+
+def test_edge_cases():
+    with jax.enable_x64(True):
+        assert float(log_iv(0.0, 0.0)) == 0.0
+        assert float(log_iv(2.0, 0.0)) == -math.inf
+        assert float(log_kv(2.0, 0.0)) == math.inf
+        assert math.isnan(float(log_iv(1.0, -1.0))) and math.isnan(float(log_kv(1.0, -1.0)))
+        assert math.isnan(float(log_iv(math.nan, 1.0)))
+        assert math.isnan(float(log_kv(1.0, math.nan)))
+        assert float(log_iv(1.0, math.inf)) == math.inf
+        assert float(log_kv(1.0, math.inf)) == -math.inf
+        np.testing.assert_allclose(log_kv(-2.3, 3.0), log_kv(2.3, 3.0), rtol=1e-15)
+        # integer negative orders: I_{-n} = I_n
+        np.testing.assert_allclose(log_iv(-3.0, 2.0), log_iv(3.0, 2.0), rtol=1e-14)
+
+
+def test_broadcasting_jit_and_vmap():
+    v = jnp.array([[0.5], [10.0]])
+    x = jnp.array([1.0, 40.0, 500.0])
+    out = jax.jit(log_iv)(v, x)
+    assert out.shape == (2, 3)
+    np.testing.assert_allclose(jax.vmap(log_iv)(v[:, 0], x[:2]), out[[0, 1], [0, 1]],
+                               rtol=1e-6)
+
+
+GRAD_POINTS = [(0.5, 3.0), (7.0, 20.0), (13.5, 12.0), (80.0, 250.0), (0.3, 5000.0),
+               (2.5, 1e-3), (-2.3, 3.0), (1200.0, 1000.0)]
+
+
+@pytest.mark.parametrize("name", ["log_iv", "log_kv", "log_ive", "log_kve"])
+@pytest.mark.parametrize("v, x", GRAD_POINTS)
+def test_derivatives_in_both_arguments_match_finite_differences(name, v, x):
+    f = {"log_iv": log_iv, "log_kv": log_kv, "log_ive": log_ive, "log_kve": log_kve}[name]
+    with jax.enable_x64(True):
+        gv, gx = jax.grad(f, argnums=(0, 1))(v, x)
+        hv, hx = 1e-5 * max(1.0, abs(v)), 1e-6 * x
+        fd_v = (f(v + hv, x) - f(v - hv, x)) / (2 * hv)
+        fd_x = (f(v, x + hx) - f(v, x - hx)) / (2 * hx)
+        # forward mode gives the same as reverse mode
+        _, jv = jax.jvp(f, (jnp.float64(v), jnp.float64(x)), (1.0, 0.0))
+    np.testing.assert_allclose(float(gv), float(fd_v), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(gx), float(fd_x), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(jv), float(gv), rtol=1e-12)
+
+
+def test_x_derivative_is_the_bessel_ratio_closed_form():
+    scipy_special = pytest.importorskip("scipy.special")
+    v, x = np.array([0.5, 3.0, 20.0]), np.array([2.0, 10.0, 30.0])
+    with jax.enable_x64(True):
+        grad = jax.vmap(jax.grad(log_iv, argnums=1))(v, x)
+    expected = scipy_special.ive(v + 1, x) / scipy_special.ive(v, x) + v / x
+    np.testing.assert_allclose(grad, expected, rtol=1e-12)
+
+
+def test_second_derivative_in_x_is_finite_and_matches_differences():
+    with jax.enable_x64(True):
+        d2 = jax.grad(jax.grad(log_kv, argnums=1), argnums=1)(3.0, 2.0)
+        d1 = jax.grad(log_kv, argnums=1)
+        fd = (d1(3.0, 2.0 + 1e-5) - d1(3.0, 2.0 - 1e-5)) / 2e-5
+    np.testing.assert_allclose(float(d2), float(fd), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- the kernel
+
+KERNEL_POINTS = (np.array([0.0, 0.5, 7.0, 13.5, 80.0, -2.3, 3.0, 1e4, 0.2]),
+                 np.array([0.9, 3.0, 20.0, 12.0, 250.0, 3.0, 0.0, 1e3, 1e5]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("kind, scaled", [("i", False), ("i", True), ("k", False),
+                                          ("k", True)])
+def test_pallas_kernel_matches_its_reference(dtype, kind, scaled):
+    with jax.enable_x64(dtype == jnp.float64):
+        v = jnp.asarray(np.tile(KERNEL_POINTS[0], 250), dtype)  # 2250 points: 3 blocks
+        x = jnp.asarray(np.tile(KERNEL_POINTS[1], 250), dtype)
+        ours = log_bessel(v, x, kind, scaled, block_size=BlockSize(rows=8), interpret=True)
+        ref = log_bessel_reference(v, x, kind, scaled)
+        assert ours.dtype == dtype and ours.shape == v.shape
+        np.testing.assert_allclose(ours, ref, rtol=1e-6 if dtype == jnp.float32 else 1e-14)
+
+
+def test_kernel_block_size_must_tile_for_tpu():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        BlockSize(rows=4)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_kernel_lowers_for_gpu_and_tpu(platform):
+    def f(v, x):
+        return log_bessel(v, x, "i", False, platform=platform, interpret=False)
+
+    args = (jax.ShapeDtypeStruct((4096,), jnp.float32),) * 2
+    safety = ([export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+              if platform == "cuda" else [])
+    exported = export.export(jax.jit(f), platforms=[platform],
+                             disabled_checks=safety)(*args)
+    text = exported.mlir_module()
+    assert ("triton" in text) if platform == "cuda" else ("tpu_custom_call" in text)
