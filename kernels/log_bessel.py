@@ -177,9 +177,12 @@ def _uniform(v, x, kind: str, scaled: bool):
 def _series_i(v, x, scaled: bool):
     """``log I_v(x)`` from the power series (DLMF 10.25.2), ``SERIES_TERMS`` terms."""
     q = 0.25 * x * x
-    total = jnp.ones_like(x)
-    for k in reversed(range(1, SERIES_TERMS)):
-        total = 1.0 + total * q / (k * (k + v))
+
+    def backward_step(j, total):  # k = SERIES_TERMS - 1 - j, ..., 1 (a loop keeps the
+        k = (SERIES_TERMS - 1 - j).astype(x.dtype)  # graph small: fast compiles)
+        return 1.0 + total * q / (k * (k + v))
+
+    total = jax.lax.fori_loop(0, SERIES_TERMS - 1, backward_step, jnp.ones_like(x))
     value = v * (jnp.log(x) - math.log(2.0)) - _lgamma1p(v) + jnp.log(total)
     return value - x if scaled else value
 
@@ -202,8 +205,9 @@ def _integral_k(v, x, scaled: bool):
 
     shift = log_integrand(jnp.minimum(peak, end))  # <= the maximum: exp() cannot overflow
     total = 0.5 * jnp.exp(log_integrand(jnp.zeros_like(x)) - shift)
-    for j in range(1, QUADRATURE_NODES):
-        total = total + jnp.exp(log_integrand(j * h) - shift)
+    total = jax.lax.fori_loop(
+        1, QUADRATURE_NODES,
+        lambda j, acc: acc + jnp.exp(log_integrand(j.astype(x.dtype) * h) - shift), total)
     value = jnp.log(h) + shift + jnp.log(total)
     return value if scaled else value - x
 

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
-
 from sparsejax.kernels.log_bessel import BlockSize, log_bessel, log_bessel_reference
-from sparsejax.special import log_ive, log_iv, log_kv, log_kve
+
+from sparsejax.special import log_iv, log_ive, log_kv, log_kve
 
 VALUES = json.loads((Path(__file__).parent / "data" / "log_bessel_mpmath.json").read_text())
 FUNCTIONS = {"i": log_iv, "k": log_kv}
@@ -115,19 +115,21 @@ GRAD_POINTS = [(0.5, 3.0), (7.0, 20.0), (13.5, 12.0), (80.0, 250.0), (0.3, 5000.
 
 
 @pytest.mark.parametrize("name", ["log_iv", "log_kv", "log_ive", "log_kve"])
-@pytest.mark.parametrize("v, x", GRAD_POINTS)
-def test_derivatives_in_both_arguments_match_finite_differences(name, v, x):
+def test_derivatives_in_both_arguments_match_finite_differences(name):
     f = {"log_iv": log_iv, "log_kv": log_kv, "log_ive": log_ive, "log_kve": log_kve}[name]
     with jax.enable_x64(True):
-        gv, gx = jax.grad(f, argnums=(0, 1))(v, x)
-        hv, hx = 1e-5 * max(1.0, abs(v)), 1e-6 * x
-        fd_v = (f(v + hv, x) - f(v - hv, x)) / (2 * hv)
-        fd_x = (f(v, x + hx) - f(v, x - hx)) / (2 * hx)
-        # forward mode gives the same as reverse mode
-        _, jv = jax.jvp(f, (jnp.float64(v), jnp.float64(x)), (1.0, 0.0))
-    np.testing.assert_allclose(float(gv), float(fd_v), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(float(gx), float(fd_x), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(float(jv), float(gv), rtol=1e-12)
+        v, x = (jnp.array(a, jnp.float64) for a in zip(*GRAD_POINTS, strict=True))
+        gv, gx = jax.jit(jax.vmap(jax.grad(f, argnums=(0, 1))))(v, x)
+        hv, hx = 1e-5 * jnp.maximum(1.0, jnp.abs(v)), 1e-6 * x
+        fj = jax.jit(f)
+        fd_v = (fj(v + hv, x) - fj(v - hv, x)) / (2 * hv)
+        fd_x = (fj(v, x + hx) - fj(v, x - hx)) / (2 * hx)
+        # forward mode (jvp) gives the same as reverse mode
+        _, jv = jax.jit(lambda a, b: jax.jvp(f, (a, b), (jnp.ones_like(a), jnp.zeros_like(b))))(
+            v, x)
+    np.testing.assert_allclose(gv, fd_v, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gx, fd_x, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(jv, gv, rtol=1e-12)
 
 
 def test_x_derivative_is_the_bessel_ratio_closed_form():
@@ -153,13 +155,13 @@ KERNEL_POINTS = (np.array([0.0, 0.5, 7.0, 13.5, 80.0, -2.3, 3.0, 1e4, 0.2]),
                  np.array([0.9, 3.0, 20.0, 12.0, 250.0, 3.0, 0.0, 1e3, 1e5]))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("kind, scaled", [("i", False), ("i", True), ("k", False),
-                                          ("k", True)])
+@pytest.mark.parametrize("dtype, kind, scaled", [
+    (jnp.float32, "i", False), (jnp.float64, "i", True), (jnp.float64, "k", False),
+    (jnp.float32, "k", True)])
 def test_pallas_kernel_matches_its_reference(dtype, kind, scaled):
     with jax.enable_x64(dtype == jnp.float64):
-        v = jnp.asarray(np.tile(KERNEL_POINTS[0], 250), dtype)  # 2250 points: 3 blocks
-        x = jnp.asarray(np.tile(KERNEL_POINTS[1], 250), dtype)
+        v = jnp.asarray(np.tile(KERNEL_POINTS[0], 130), dtype)  # 1170 points: 2 blocks
+        x = jnp.asarray(np.tile(KERNEL_POINTS[1], 130), dtype)
         ours = log_bessel(v, x, kind, scaled, block_size=BlockSize(rows=8), interpret=True)
         ref = log_bessel_reference(v, x, kind, scaled)
         assert ours.dtype == dtype and ours.shape == v.shape
