@@ -21,9 +21,12 @@ Derivatives (``jax.custom_jvp``, so forward and reverse mode both work):
   differentiation of the formula the region selects; the formulas are smooth in ``v``
   inside their regions).
 
-Deviation from the paper's GPU code: every point evaluates all three formulas and
-selects (the reference's branch-free select, also what the kernel does) instead of
-dispatching each point to one formula, so the cost per point is the sum of the three.
+Dispatch: the points are sorted by the formula that serves them and processed in chunks
+of :data:`CHUNK`; in each chunk a formula runs only if one of its points is there
+(``lax.cond``), so a point costs about one formula (the Pallas kernel, where lanes of a
+block cannot skip work, computes all three and selects). The reflection term of a
+negative order (which needs K) is computed only when some order is negative. Values
+equal those of ``sparsejax.kernels.log_bessel.log_bessel_reference``.
 """
 
 from __future__ import annotations
@@ -33,21 +36,78 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sparsejax.kernels.log_bessel import common_float, log_bessel_reference
+from sparsejax.kernels.log_bessel import (
+    HANKEL,
+    SMALL,
+    UNIFORM,
+    assemble,
+    common_float,
+    log_bessel_region,
+    region_of,
+    safe_point,
+)
+
+CHUNK = 2048  # points per dispatch chunk
 
 __all__ = ["log_ive", "log_iv", "log_kv", "log_kve"]
 
 
+def _dispatch(v: jax.Array, x: jax.Array, kind: str, scaled: bool) -> jax.Array:
+    """The positive-order formulas (``v >= 0``, ``x > 0`` finite), each evaluated only on
+    chunks of region-sorted points that need it."""
+    shape, n = x.shape, x.size
+    v, x = v.reshape(-1), x.reshape(-1)
+    region = region_of(v, x)
+    order = jnp.argsort(region, stable=True)
+    chunks = max(1, -(-n // CHUNK))
+    pad = chunks * CHUNK - n
+    vs, xs, rs = (jnp.pad(a[order], (0, pad), mode="edge").reshape(chunks, -1)
+                  for a in (v, x, region))
+
+    def per_chunk(args):
+        vc, xc, rc = args
+        out = jnp.zeros_like(xc)
+        for r in (HANKEL, UNIFORM, SMALL):
+            inside = rc == r
+            sv, sx = safe_point(r)
+            formula = log_bessel_region(r, kind, scaled)
+
+            def run(o, inside=inside, sv=sv, sx=sx, formula=formula):
+                value = formula(jnp.where(inside, vc, sv), jnp.where(inside, xc, sx))
+                return jnp.where(inside, value, o)
+
+            out = jax.lax.cond(jnp.any(inside), run, lambda o: o, out)
+        return out
+
+    values = jax.lax.map(per_chunk, (vs, xs, rs)).reshape(-1)[:n]
+    return jnp.zeros_like(x).at[order].set(values).reshape(shape)
+
+
+def _evaluate(v: jax.Array, x: jax.Array, kind: str, scaled: bool) -> jax.Array:
+    """Like ``log_bessel_reference``, through :func:`_dispatch`."""
+    if v.size == 0:
+        return jnp.zeros_like(x)
+    any_negative = jnp.any(v < 0)
+
+    def positive(a, xx, kind_, scaled_):
+        if kind == "i" and kind_ == "k":  # K only enters the reflection of negative orders
+            return jax.lax.cond(any_negative, lambda: _dispatch(a, xx, "k", scaled_),
+                                lambda: jnp.zeros_like(xx))
+        return _dispatch(a, xx, kind_, scaled_)
+
+    return assemble(v, x, kind, scaled, positive)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _log_bessel(v: jax.Array, x: jax.Array, kind: str, scaled: bool) -> jax.Array:
-    return log_bessel_reference(v, x, kind, scaled)
+    return _evaluate(v, x, kind, scaled)
 
 
 @_log_bessel.defjvp
 def _log_bessel_jvp(kind: str, scaled: bool, primals, tangents):
     v, x = primals
     v_dot, x_dot = tangents
-    value, d_dv = jax.jvp(lambda order: log_bessel_reference(order, x, kind, scaled), (v,),
+    value, d_dv = jax.jvp(lambda order: _evaluate(order, x, kind, scaled), (v,),
                           (jnp.ones_like(v),))
     if kind == "i":  # I_{v+1} / I_v + v / x (- 1 scaled: the ratio of scaled forms is equal)
         neighbour = _log_bessel(v + 1.0, x, "i", scaled)
