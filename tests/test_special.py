@@ -87,17 +87,17 @@ def test_large_orders_stay_finite_where_scipy_underflows():
 
 
 def test_edge_cases():
+    nan, inf = math.nan, math.inf
+    #        v     x     log I   log K
+    cases = [(0.0, 0.0, 0.0, inf), (2.0, 0.0, -inf, inf), (1.0, -1.0, nan, nan),
+             (nan, 1.0, nan, nan), (1.0, nan, nan, nan), (1.0, inf, inf, -inf)]
+    v, x, want_i, want_k = (np.array(c) for c in zip(*cases, strict=True))
     with jax.enable_x64(True):
-        assert float(log_iv(0.0, 0.0)) == 0.0
-        assert float(log_iv(2.0, 0.0)) == -math.inf
-        assert float(log_kv(2.0, 0.0)) == math.inf
-        assert math.isnan(float(log_iv(1.0, -1.0))) and math.isnan(float(log_kv(1.0, -1.0)))
-        assert math.isnan(float(log_iv(math.nan, 1.0)))
-        assert math.isnan(float(log_kv(1.0, math.nan)))
-        assert float(log_iv(1.0, math.inf)) == math.inf
-        assert float(log_kv(1.0, math.inf)) == -math.inf
-        np.testing.assert_allclose(log_kv(-2.3, 3.0), log_kv(2.3, 3.0), rtol=1e-15)
-        # integer negative orders: I_{-n} = I_n
+        np.testing.assert_array_equal(log_iv(v, x), want_i)
+        np.testing.assert_array_equal(log_kv(v, x), want_k)
+        # K_{-v} = K_v; integer negative orders: I_{-n} = I_n
+        np.testing.assert_allclose(log_kv(jnp.array([-2.3, -3.0]), 3.0),
+                                   log_kv(jnp.array([2.3, 3.0]), 3.0), rtol=1e-15)
         np.testing.assert_allclose(log_iv(-3.0, 2.0), log_iv(3.0, 2.0), rtol=1e-14)
 
 
@@ -130,17 +130,15 @@ def test_derivatives_in_both_arguments_match_finite_differences(name):
     np.testing.assert_allclose(gv, fd_v, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(gx, fd_x, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(jv, gv, rtol=1e-12)
+    if name == "log_iv":  # the closed form I_{v+1} / I_v + v / x, against SciPy
+        scipy_special = pytest.importorskip("scipy.special")
+        vn, xn = np.asarray(v), np.asarray(x)
+        moderate = (xn < 500) & (vn >= 0)
+        ratio = scipy_special.ive(vn + 1, xn) / scipy_special.ive(vn, xn) + vn / xn
+        np.testing.assert_allclose(np.asarray(gx)[moderate], ratio[moderate], rtol=1e-11)
 
 
-def test_x_derivative_is_the_bessel_ratio_closed_form():
-    scipy_special = pytest.importorskip("scipy.special")
-    v, x = np.array([0.5, 3.0, 20.0]), np.array([2.0, 10.0, 30.0])
-    with jax.enable_x64(True):
-        grad = jax.vmap(jax.grad(log_iv, argnums=1))(v, x)
-    expected = scipy_special.ive(v + 1, x) / scipy_special.ive(v, x) + v / x
-    np.testing.assert_allclose(grad, expected, rtol=1e-12)
-
-
+@pytest.mark.slow
 def test_second_derivative_in_x_is_finite_and_matches_differences():
     with jax.enable_x64(True):
         d2 = jax.grad(jax.grad(log_kv, argnums=1), argnums=1)(3.0, 2.0)
