@@ -276,8 +276,11 @@ def assemble(v: jax.Array, x: jax.Array, kind: str, scaled: bool,
             log_k = log_k - 2.0 * x_s
         b = jnp.log(2.0 / math.pi * jnp.maximum(jnp.abs(s), 1e-300)) + log_k
         plus = jnp.logaddexp(value, b)
-        minus = jnp.where(b < value, value + jnp.log1p(-jnp.exp(jnp.minimum(b - value, 0.0))),
-                          jnp.nan)
+        # log(I - |term|), defined where the term is smaller; elsewhere a dummy argument,
+        # so that reverse-mode zeros of the unselected branch never meet log1p(-1) = -inf
+        below = b < value
+        gap = jnp.where(below, b - value, -1.0)
+        minus = jnp.where(below, value + jnp.log1p(-jnp.exp(gap)), jnp.nan)
         reflected = jnp.where(s > 0, plus, jnp.where(s < 0, minus, value))
         value = jnp.where(v < 0, reflected, value)
     # edge cases
