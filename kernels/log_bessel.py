@@ -14,11 +14,11 @@ one of three formulas per point, chosen by :func:`region_of` (``v >= 0``, ``x > 
   (rational arithmetic) from DLMF 10.41.9 at import, not typed in.
 * ``SMALL`` (the rest, so ``x <= 30`` and ``v <= 12.7``): for I the power series
   ``I_v(x) = (x/2)^v / Gamma(v+1) sum_k (x^2/4)^k / (k! (v+1)_k)``, 64 terms summed
-  backwards (Horner) from term ratios, so no lgamma per term; for K the integral
-  ``K_v(x) = int_0^inf exp(-x cosh t) cosh(v t) dt`` by the trapezoidal rule on 128 nodes
-  in log space (the paper integrates Rothwell's representation instead; the trapezoidal
-  rule converges geometrically for this analytic, double-exponentially decaying
-  integrand and needs no special functions).
+  backwards (Horner) from term ratios, so no lgamma per term; for K, ``K_mu`` and
+  ``K_{mu+1}`` at ``mu = v - round(v)`` from Temme's series (small x) or Steed's continued
+  fraction, then the forward recurrence in the order (:func:`_small_k`; the paper
+  integrates Rothwell's representation numerically instead, which costs hundreds of
+  transcendentals a point and needs care as x -> 0).
 
 ``lgamma(v + 1)`` of the series comes from Stirling's series after an 8-step upward shift
 (Triton has no lgamma, so nothing here uses one). Negative orders use
@@ -48,16 +48,26 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["HANKEL", "KINDS", "SMALL", "UNIFORM", "BlockSize", "assemble", "common_float",
-           "log_bessel",
-           "log_bessel_reference", "log_bessel_region", "region_of", "safe_point"]
+__all__ = ["HANKEL", "KINDS", "SMALL", "SMALL_K_STEED", "UNIFORM", "BlockSize", "assemble",
+           "common_float", "log_bessel", "log_bessel_reference", "log_bessel_region",
+           "region_of", "regions", "safe_point"]
 
 HANKEL, UNIFORM, SMALL = 0, 1, 2
+# K only: the small-region points above TEMME_X, served by Steed's continued fraction (SMALL
+# K points below it take Temme's series), so that each costs one of the two.
+SMALL_K_STEED = 3
 KINDS = ("i", "k")
 HANKEL_TERMS = 20
 DEBYE_TERMS = 14  # u_0 .. u_13
 SERIES_TERMS = 64
-QUADRATURE_NODES = 128
+TEMME_TERMS = 18  # x <= 2: the last term is below 1e-17 of the sum
+# K at small x: Temme's series up to TEMME_X, Steed's continued fraction (STEED_TERMS steps)
+# above. Temme's sum cancels like e^(2x) eps, so float32 switches earlier; the continued
+# fraction converges algebraically (float64 at x = 2: 1e-10 after 32 steps, 2e-14 after 64,
+# 1e-15 after 96; float32 at x = 1: 3e-9 after 48).
+TEMME_X = {"float32": 1.0, "float64": 2.0}
+STEED_TERMS = {"float32": 48, "float64": 96}
+MAX_ORDER_STEPS = 13  # v <= 12.7 in the small region: K_{mu+n}, n = round(v) <= 13
 # The reference implementation's uniform-expansion boundaries (METHODS.md 6).
 UNIFORM_V, UNIFORM_X, UNIFORM_V_MIN = 12.7, 19.69, 0.7
 HANKEL_X = 30.0
@@ -89,6 +99,34 @@ _DEBYE = [[float(c) for c in poly] for poly in _debye_polynomials(DEBYE_TERMS)]
 # Stirling's series coefficients B_2k / (2k (2k - 1)), k = 1..8.
 _STIRLING = (1 / 12, -1 / 360, 1 / 1260, -1 / 1680, 1 / 1188, -691 / 360360, 1 / 156,
              -3617 / 122400)
+_EULER_GAMMA = 0.57721566490153286
+
+
+def _zeta(s: int, head_terms: int = 40) -> float:
+    """Riemann zeta(s), s >= 2, by Euler-Maclaurin after ``head_terms`` terms (B_2..B_10;
+    the next term is below 1e-17 of the value)."""
+    bernoulli = (1 / 6, -1 / 30, 1 / 42, -1 / 30, 5 / 66)
+    n = head_terms
+    total = math.fsum(k ** -s for k in range(1, n)) + n ** (1 - s) / (s - 1) + 0.5 * n ** -s
+    rising = s  # s (s + 1) ... (s + 2j)
+    for j, b in enumerate(bernoulli):
+        total += b / math.factorial(2 * j + 2) * rising * n ** (-s - 2 * j - 1)
+        rising *= (s + 2 * j + 1) * (s + 2 * j + 2)
+    return total
+
+
+def _reciprocal_gamma_coefficients(count: int) -> list[float]:
+    """Taylor coefficients ``c_j`` of ``1 / Gamma(1 + z) = sum_j c_j z^j`` (DLMF 5.7.1),
+    from ``log Gamma(1 + z) = -gamma z + sum_k (-1)^k zeta(k) z^k / k`` (DLMF 5.7.3) by the
+    power-series exponential ``c_n = (1/n) sum_k k g_k c_{n-k}``."""
+    g = [0.0, _EULER_GAMMA] + [-((-1) ** k) * _zeta(k) / k for k in range(2, count)]
+    c = [1.0]
+    for n in range(1, count):
+        c.append(math.fsum(k * g[k] * c[n - k] for k in range(1, n + 1)) / n)
+    return c
+
+
+_RECIPROCAL_GAMMA = _reciprocal_gamma_coefficients(24)  # |c_23| 0.5^23 < 1e-22
 
 
 # --------------------------------------------------------------------------- pieces
@@ -187,42 +225,142 @@ def _series_i(v, x, scaled: bool):
     return value - x if scaled else value
 
 
-def _integral_k(v, x, scaled: bool):
-    """``log K_v(x)`` from ``int_0^inf exp(-x cosh t) cosh(v t) dt`` (DLMF 10.32.9),
-    trapezoidal rule on ``QUADRATURE_NODES`` nodes of ``[0, T]`` in log space. ``T``
-    solves ``x (cosh T - 1) = 45 + v T`` (three fixed-point steps from above the peak), so
-    the integrand has fallen by > e^40 from its peak near ``asinh(v / x)``."""
-    peak = _asinh_pos(v / x)
-    end = peak + 2.0
-    for _ in range(3):
-        end = _acosh(1.0 + (45.0 + v * end) / x)
-    h = end / (QUADRATURE_NODES - 1)
-
-    def log_integrand(t):  # scaled by exp(x): -x (cosh t - 1) + log cosh(v t)
-        half = 0.5 * t  # sinh from exp (Mosaic has no sinh); the terms are small for small t
-        s = 0.5 * (jnp.exp(half) - jnp.exp(-half))
-        return -2.0 * x * s * s + _log_cosh(v * t)
-
-    shift = log_integrand(jnp.minimum(peak, end))  # <= the maximum: exp() cannot overflow
-    total = 0.5 * jnp.exp(log_integrand(jnp.zeros_like(x)) - shift)
-    total = jax.lax.fori_loop(
-        1, QUADRATURE_NODES,
-        lambda j, acc: acc + jnp.exp(log_integrand(j.astype(x.dtype) * h) - shift), total)
-    value = jnp.log(h) + shift + jnp.log(total)
-    return value if scaled else value - x
+def _poly(coeffs, z):
+    """``sum_j coeffs[j] z^j`` by Horner."""
+    total = jnp.full_like(z, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        total = total * z + c
+    return total
 
 
-def region_of(v: jax.Array, x: jax.Array) -> jax.Array:
+def _temme_k(mu, x):
+    """``(log K_mu(x), x K_{mu+1}(x) / (2 K_mu(x)))`` for ``|mu| <= 1/2``, ``0 < x <= 2``
+    (``TEMME_X``):
+    Temme's series (Temme 1975, J. Comput. Phys. 19; the form of Numerical Recipes'
+    ``bessik``), ``TEMME_TERMS`` terms. The gamma-function combinations
+    ``Gamma_1 = (1/Gamma(1-mu) - 1/Gamma(1+mu)) / (2 mu)`` and
+    ``Gamma_2 = (1/Gamma(1-mu) + 1/Gamma(1+mu)) / 2`` are the odd and even parts of the
+    Taylor series of ``1/Gamma(1+z)``, so nothing cancels at ``mu = 0``."""
+    half = 0.5 * x
+    log_2_over_x = -jnp.log(half)
+    e = mu * log_2_over_x
+    at_zero = mu == 0.0
+    pi_mu = jnp.where(at_zero, 1.0, math.pi * mu)  # safe operands: no 0/0 under reverse mode
+    fact = jnp.where(at_zero, 1.0, pi_mu / jnp.sin(pi_mu))
+    small_e = jnp.abs(e) < 0.5
+    e_safe = jnp.where(small_e, 1.0, e)
+    exp_e, exp_minus_e = jnp.exp(e), jnp.exp(-e)
+    sinh_e_over_e = jnp.where(  # sinh(e)/e: series (terms to e^16/17!) where exp would cancel
+        small_e, _poly([1.0 / math.factorial(2 * j + 1) for j in range(9)], e * e),
+        0.5 * (jnp.exp(e_safe) - jnp.exp(-e_safe)) / e_safe)
+    cosh_e = 0.5 * (exp_e + exp_minus_e)
+    mu2 = mu * mu
+    gamma_1 = -_poly(_RECIPROCAL_GAMMA[1::2], mu2)
+    gamma_2 = _poly(_RECIPROCAL_GAMMA[0::2], mu2)
+    recip_gamma_plus = gamma_2 - mu * gamma_1  # 1 / Gamma(1 + mu)
+    recip_gamma_minus = gamma_2 + mu * gamma_1  # 1 / Gamma(1 - mu)
+    f = fact * (gamma_1 * cosh_e + gamma_2 * sinh_e_over_e * log_2_over_x)
+    p = 0.5 * exp_e / recip_gamma_plus  # (x/2)^-mu Gamma(1+mu) / 2
+    q = 0.5 * exp_minus_e / recip_gamma_minus  # (x/2)^mu Gamma(1-mu) / 2
+    quarter_x2 = half * half
+
+    def term(i, carry):  # a loop, not unrolled: the graph stays small under jvp / grad
+        f, p, q, c, total, total_1 = carry
+        i = i.astype(x.dtype)
+        f = (i * f + p + q) / ((i - mu) * (i + mu))
+        c = c * quarter_x2 / i
+        p = p / (i - mu)
+        q = q / (i + mu)
+        return f, p, q, c, total + c * f, total_1 + c * (p - i * f)
+
+    *_, total, total_1 = jax.lax.fori_loop(1, TEMME_TERMS, term,
+                                           (f, p, q, jnp.ones_like(x), f, p))
+    return jnp.log(total), total_1 / total
+
+
+def _steed_k(mu, x):
+    """``(log K_mu(x) + x, x K_{mu+1}(x) / (2 K_mu(x)))`` for ``|mu| <= 1/2``, ``x > TEMME_X``:
+    Steed's algorithm for the continued fraction CF2 (Thompson and Barnett 1987, the form
+    of Numerical Recipes' ``bessik``), ``STEED_TERMS`` steps."""
+    b = 2.0 * (1.0 + x)
+    d = 1.0 / b
+    h = d
+    delta_h = d
+    # Steed's q_k enter only as c_k q_k, and c_k grows like k! (float32 overflow by k ~ 34):
+    # carry u1 = c_{k-1} q_{k-1} and u2 = c_{k-1} q_k instead.
+    a1 = 0.25 - mu * mu
+    a = -a1 * jnp.ones_like(x)
+
+    def step(i, carry):
+        a, b, d, h, delta_h, u1, u2, q, s = carry
+        i = i.astype(x.dtype)
+        a = a - 2.0 * i
+        increment = (b * u2 - u1) / (i + 1.0)  # c_i q_{i+1}
+        u1, u2 = -a * u2 / (i + 1.0), increment
+        q = q + increment
+        b = b + 2.0
+        d = 1.0 / (b + a * d)
+        delta_h = (b * d - 1.0) * delta_h
+        return a, b, d, h + delta_h, delta_h, u1, u2, q, s + q * delta_h
+
+    q = a1 * jnp.ones_like(x)
+    init = (a, b, d, h, delta_h, jnp.zeros_like(x), q, q, 1.0 + q * delta_h)
+    _, _, _, h, _, _, _, _, s = jax.lax.fori_loop(
+        1, STEED_TERMS[jnp.dtype(x.dtype).name], step, init)
+    h = a1 * h
+    log_k_scaled = 0.5 * (math.log(math.pi / 2) - jnp.log(x)) - jnp.log(s)
+    return log_k_scaled, 0.5 * (mu + x + 0.5 - h)
+
+
+def _small_k(v, x, scaled: bool, method: str):
+    """``log K_v(x)`` for ``0 <= v <= 12.7``, ``0 < x <= 30``: ``K_mu`` and ``K_{mu+1}``
+    at ``mu = v - round(v)`` from Temme's series (``method="temme"``, for ``x <= TEMME_X``)
+    or Steed's continued fraction (``"steed"``, above), then the forward recurrence
+    ``K_{a+1} = K_{a-1} + (2a/x) K_a`` (stable for K) carried as
+    ``s_k = x K_{mu+k+1} / (2 K_{mu+k}) = x^2 / (4 s_{k-1}) + mu + k``, so
+    ``log K_v = log K_mu + n log(2/x) + log prod_k s_k`` never overflows.
+
+    The paper integrates Rothwell's representation numerically instead; an earlier version
+    here used a 128-node trapezoidal rule, which lost accuracy below x ~ 1e-15 (the
+    integrand's support grows like log(1/x)) and cost ~500 transcendentals a point."""
+    n = _round(v)
+    mu = v - n
+    if method == "temme":
+        log_k_mu, ratio = _temme_k(mu, x)
+        if scaled:
+            log_k_mu = log_k_mu + x
+    else:
+        log_k_mu, ratio = _steed_k(mu, x)
+        if not scaled:
+            log_k_mu = log_k_mu - x
+    quarter_x2 = 0.25 * x * x
+    product = jnp.ones_like(x)
+    for k in range(MAX_ORDER_STEPS):
+        product = product * jnp.where(k < n, ratio, 1.0)
+        ratio = quarter_x2 / ratio + (mu + (k + 1))
+    return log_k_mu + n * (math.log(2.0) - jnp.log(x)) + jnp.log(product)
+
+
+def regions(kind: str) -> tuple[int, ...]:
+    """The formulas :func:`region_of` chooses among for ``kind``."""
+    return (HANKEL, UNIFORM, SMALL) + ((SMALL_K_STEED,) if kind == "k" else ())
+
+
+def region_of(v: jax.Array, x: jax.Array, kind: str = "i") -> jax.Array:
     """Which formula serves ``(v, x)`` (``v >= 0``, ``x > 0``): ``HANKEL``, ``UNIFORM`` or
-    ``SMALL``, as int32."""
+    ``SMALL`` (for K, ``SMALL`` above ``TEMME_X`` is ``SMALL_K_STEED``), as int32."""
     hankel = (x > HANKEL_X) & (v * v < 2.0 * x)
     uniform = (v > UNIFORM_V) | ((x > UNIFORM_X) & (v > UNIFORM_V_MIN))
-    return jnp.where(hankel, HANKEL, jnp.where(uniform, UNIFORM, SMALL)).astype(jnp.int32)
+    small = SMALL
+    if kind == "k":
+        small = jnp.where(x > TEMME_X[jnp.dtype(x.dtype).name], SMALL_K_STEED, SMALL)
+    return jnp.where(hankel, HANKEL, jnp.where(uniform, UNIFORM, small)).astype(jnp.int32)
 
 
 def safe_point(region: int) -> tuple[float, float]:
     """A ``(v, x)`` inside ``region``: what lanes that belong elsewhere compute there."""
-    return {HANKEL: (1.0, 100.0), UNIFORM: (20.0, 20.0), SMALL: (1.0, 1.0)}[region]
+    return {HANKEL: (1.0, 100.0), UNIFORM: (20.0, 20.0), SMALL: (1.0, 1.0),
+            SMALL_K_STEED: (1.0, 10.0)}[region]
 
 
 def log_bessel_region(region: int, kind: str, scaled: bool
@@ -235,14 +373,15 @@ def log_bessel_region(region: int, kind: str, scaled: bool
         return lambda v, x: _uniform(v, x, kind, scaled)
     if kind == "i":
         return lambda v, x: _series_i(v, x, scaled)
-    return lambda v, x: _integral_k(v, x, scaled)
+    method = "temme" if region == SMALL else "steed"
+    return lambda v, x: _small_k(v, x, scaled, method)
 
 
 def _positive_order_select(v, x, kind: str, scaled: bool):
     """All three formulas with sanitised inputs, then a select (v >= 0, x > 0 finite)."""
-    region = region_of(v, x)
+    region = region_of(v, x, kind)
     out = jnp.zeros_like(x)
-    for r in (HANKEL, UNIFORM, SMALL):
+    for r in regions(kind):
         inside = region == r
         sv, sx = safe_point(r)
         value = log_bessel_region(r, kind, scaled)(jnp.where(inside, v, sv),
