@@ -10,6 +10,9 @@ x)) - x`` (which are -inf / inf where ``ive`` / ``kve`` under- or overflow, coun
     python experiments/bench_log_bessel.py --points 10000000 --repeats 7
 
 Targets on CPU: >= 1x SciPy, >= 10x TFP.
+
+TFP, optional: ``pip install tfp-nightly dm-tree decorator cloudpickle gast`` (the 0.25
+release does not import with JAX 0.10; tfp-nightly 0.26.0.dev20261027 does).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import scipy.special  # noqa: E402
 from sparsejax.special import log_iv, log_kv  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import tfp_version, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +92,8 @@ def main() -> None:
              f"--repeats {args.repeats}`  ",
              f"{args.points:,} points, v log-uniform in [1e-2, 1e3], x log-uniform in [1e-3, "
              f"1e4], float64; {jax.device_count()} x {jax.devices()[0].platform}, jax "
-             f"{jax.__version__}, SciPy {scipy.__version__}; median of {args.repeats} runs "
+             f"{jax.__version__}, SciPy {scipy.__version__}{tfp_version()}; median of "
+             f"{args.repeats} runs "
              "after a warm-up.", "",
              "| function | ours (s) | SciPy (s) | speed-up vs SciPy | TFP (s) | speed-up vs TFP "
              "| non-finite: ours / SciPy |", "|---|---|---|---|---|---|---|"]

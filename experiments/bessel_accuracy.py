@@ -18,6 +18,9 @@ Scored: ours in float64 and float32 (``sparsejax.special``), SciPy (``log(ive) +
     python experiments/bessel_accuracy.py --n 80 --timeout 20
 
 Targets: float64 max <= 1e-13, float32 max <= 2e-6, no -inf/NaN anywhere in the grid.
+
+TFP, optional: ``pip install tfp-nightly dm-tree decorator cloudpickle gast`` (the 0.25
+release does not import with JAX 0.10; tfp-nightly 0.26.0.dev20261027 does).
 """
 
 from __future__ import annotations
@@ -256,10 +259,16 @@ def main() -> None:
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['implementation']} | {r['function']} | {r['max']:.2e} | "
               f"{r['median']:.2e} | {r['nonfinite']} | {r['scored']} |" for r in results]
-    lines += ["", "Targets: float64 max <= 1e-13, float32 max <= 2e-6, no -inf/NaN. "
+    import jax
+    import mpmath
+    import scipy
+    from common import tfp_version, write_results
+
+    lines += ["", f"Versions: jax {jax.__version__}, SciPy {scipy.__version__}, mpmath "
+              f"{mpmath.__version__}{tfp_version()}.", "",
+              "Targets: float64 max <= 1e-13, float32 max <= 2e-6, no -inf/NaN. "
               "Heat map of our error: `error_heatmap.png`.", ""]
-    (out / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(out, lines)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,15 @@ def step_time_rows(times: dict[str, list[float]], ratio: dict[str, float],
     return rows
 
 
+def tfp_version() -> str:
+    """", TFP <version> (JAX substrate)" when TensorFlow Probability imports, else ""."""
+    try:
+        import tensorflow_probability
+    except ImportError:
+        return ""
+    return f", TFP {tensorflow_probability.__version__} (JAX substrate)"
+
+
 def write_results(out: str | Path, lines: list[str]) -> None:
     """Write ``results.md`` under ``out`` (created) and print it."""
     out = Path(out)

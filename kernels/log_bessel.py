@@ -11,7 +11,9 @@ one of three formulas per point, chosen by :func:`region_of` (``v >= 0``, ``x > 
   branch, which only saves time).
 * ``UNIFORM`` (else if ``v > 12.7``, or ``x > 19.69`` and ``v > 0.7``): the Debye
   expansion (DLMF 10.41.3-4) with ``u_0 .. u_13``; the polynomials are generated exactly
-  (rational arithmetic) from DLMF 10.41.9 at import, not typed in.
+  (rational arithmetic) from DLMF 10.41.9 at import, not typed in. In float32, near the
+  zero of ``eta`` (x / v ~ 0.66) ``v * eta`` comes from a Taylor series about that zero
+  with ``x / v - z0`` formed exactly (:func:`_eta_near_root`), else it cancels.
 * ``SMALL`` (the rest, so ``x <= 30`` and ``v <= 12.7``): for I the power series
   ``I_v(x) = (x/2)^v / Gamma(v+1) sum_k (x^2/4)^k / (k! (v+1)_k)``, 64 terms summed
   backwards (Horner) from term ratios, so no lgamma per term; for K, ``K_mu`` and
@@ -41,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import struct
 from collections.abc import Callable
 from fractions import Fraction
 
@@ -129,6 +132,40 @@ def _reciprocal_gamma_coefficients(count: int) -> list[float]:
 _RECIPROCAL_GAMMA = _reciprocal_gamma_coefficients(24)  # |c_23| 0.5^23 < 1e-22
 
 
+def _eta_root() -> float:
+    """The zero of ``eta(z) = sqrt(1 + z^2) + log(z / (1 + sqrt(1 + z^2)))`` (0.6627...,
+    the Laplace limit constant), by Newton's method with ``eta' = sqrt(1 + z^2) / z``."""
+    z = 0.66
+    for _ in range(20):
+        root = math.sqrt(1.0 + z * z)
+        z -= (root + math.log(z / (1.0 + root))) / (root / z)
+    return z
+
+
+def _eta_taylor(z0: float, count: int) -> list[float]:
+    """Taylor coefficients ``e_1 .. e_count`` of ``eta(z0 + t) - eta(z0)`` from
+    ``eta' = sqrt(1 + z^2) / z``: the power series of ``sqrt(1 + (z0 + t)^2)`` times that of
+    ``1 / (z0 + t)``, integrated term by term (radius of convergence z0)."""
+    a = [1.0 + z0 * z0, 2.0 * z0, 1.0] + [0.0] * count  # 1 + (z0 + t)^2
+    root = [math.sqrt(a[0])]
+    for n in range(1, count):
+        root.append((a[n] - math.fsum(root[k] * root[n - k] for k in range(1, n)))
+                    / (2.0 * root[0]))
+    inverse = [(-1.0) ** k / z0 ** (k + 1) for k in range(count)]
+    derivative = [math.fsum(root[k] * inverse[n - k] for k in range(n + 1))
+                  for n in range(count)]
+    return [derivative[k - 1] / k for k in range(1, count + 1)]
+
+
+ETA_ROOT = _eta_root()
+# float32 only: within ETA_WINDOW of the root the uniform expansion's v * eta is taken from
+# this series in t = z - ETA_ROOT (t / ETA_ROOT <= 0.38: 24 terms reach 1e-10).
+ETA_WINDOW = 0.25
+_ETA_SERIES = _eta_taylor(ETA_ROOT, 24)
+_ETA_ROOT_HIGH = float(struct.unpack("f", struct.pack("f", ETA_ROOT))[0])  # float32 head
+_ETA_ROOT_LOW = ETA_ROOT - _ETA_ROOT_HIGH
+
+
 # --------------------------------------------------------------------------- pieces
 
 
@@ -147,29 +184,9 @@ def _lgamma1p(v: jax.Array) -> jax.Array:
     return stirling - jnp.log(shift)
 
 
-def _asinh_pos(y: jax.Array) -> jax.Array:
-    """``asinh(y)`` for ``y >= 0`` from log and sqrt (Mosaic has no asinh); ``log(2y)``
-    once ``y^2`` would overflow float32 (there ``1/y^2`` is below float64's epsilon)."""
-    big = y > 1e8
-    ys = jnp.where(big, 1.0, y)
-    return jnp.where(big, jnp.log(2.0 * y), jnp.log(ys + jnp.sqrt(ys * ys + 1.0)))
-
-
-def _acosh(w: jax.Array) -> jax.Array:
-    """``acosh(w)`` for ``w >= 1`` from log and sqrt (Mosaic and Triton have none)."""
-    big = w > 1e8
-    ws = jnp.where(big, 1.0, w)
-    return jnp.where(big, jnp.log(2.0 * w), jnp.log(ws + jnp.sqrt((ws - 1.0) * (ws + 1.0))))
-
-
 def _round(y: jax.Array) -> jax.Array:
     """Nearest integer (halves up) from floor: Triton has no round."""
     return jnp.floor(y + 0.5)
-
-
-def _log_cosh(y: jax.Array) -> jax.Array:
-    """``log cosh(y)`` for ``y >= 0`` without overflow."""
-    return y + jnp.log1p(jnp.exp(-2.0 * y)) - math.log(2.0)
 
 
 def _hankel(v, x, kind: str, scaled: bool):
@@ -186,6 +203,36 @@ def _hankel(v, x, kind: str, scaled: bool):
     return 0.5 * (math.log(math.pi / 2) - jnp.log(x)) - (0.0 if scaled else x) + jnp.log(total)
 
 
+def _two_product(a, b):
+    """``a * b = high + low`` exactly in float32 (Dekker's split into 12-bit halves)."""
+    def split(y):
+        c = 4097.0 * y
+        high = c - (c - y)
+        return high, y - high
+
+    high = a * b
+    ah, al = split(a)
+    bh, bl = split(b)
+    low = ((ah * bh - high) + ah * bl + al * bh) + al * bl
+    return high, low
+
+
+def _eta_near_root(v, x, z, eta):
+    """float32 ``eta(x / v)`` with relative accuracy near its zero ``ETA_ROOT``, where
+    ``root + log_ratio`` cancels (terms ~1.2, eta ~0) and even the rounding of ``z = x / v``
+    alone costs ``v * 1.2 * 6e-8`` absolute in ``v eta`` (7e-4 at v = 1e4: 7e-6 relative
+    on log I). Within ``ETA_WINDOW``: ``t = z - ETA_ROOT = (x - ETA_ROOT v) / v`` with the
+    product split exactly (x - high is exact there, Sterbenz) and ``eta`` from its Taylor
+    series in ``t``; elsewhere ``eta`` as given."""
+    root_high, root_low = _ETA_ROOT_HIGH, _ETA_ROOT_LOW
+    near = jnp.abs(z - root_high) < ETA_WINDOW
+    vs = jnp.where(near, v, 1.0)
+    xs = jnp.where(near, x, root_high)  # safe operands outside (no inf / NaN under grad)
+    high, low = _two_product(vs, jnp.full_like(vs, root_high))
+    t = (((xs - high) - low) - root_low * vs) / vs
+    return jnp.where(near, t * _poly(_ETA_SERIES, t), eta)
+
+
 def _uniform(v, x, kind: str, scaled: bool):
     """DLMF 10.41.3 (I) / 10.41.4 (K) with ``u_0 .. u_13``; ``v > 0``."""
     z = x / v
@@ -196,6 +243,8 @@ def _uniform(v, x, kind: str, scaled: bool):
     # computed without cancellation.
     log_ratio = jnp.log(z) - jnp.log1p(root)
     eta = (1.0 / (root + z) if scaled else root) + log_ratio
+    if not scaled and jnp.dtype(x.dtype) == jnp.float32:
+        eta = _eta_near_root(v, x, z, eta)
     inv_v = 1.0 / v
     total = jnp.zeros_like(x)
     for k in reversed(range(DEBYE_TERMS)):

@@ -3,6 +3,11 @@ digits on a fixed grid (30 significant digits stored). Points where mpmath does 
 converge within 20 s, or fails, are stored as null; where I_v(x) < 0 (negative orders)
 the stored value is the log of |I| with ``"i_negative": true``.
 
+mpmath's besselk is silently wrong at some large non-integer orders, at any precision
+(log K_4725.18(3511.19): +656.48 instead of -664.79; ``experiments/bessel_accuracy.py``
+takes K from an mpmath quadrature for that reason). On this grid its values agree with
+that quadrature and with sparsejax.special to 1e-13; check again if the grid changes.
+
     python tests/data/make_log_bessel_values.py        # ~3 min; needs mpmath
 """
 
