@@ -283,10 +283,9 @@ def _poly(coeffs, z):
 
 
 def _temme_k(mu, x):
-    """``(log K_mu(x), x K_{mu+1}(x) / (2 K_mu(x)))`` for ``|mu| <= 1/2``, ``0 < x <= 2``
-    (``TEMME_X``):
-    Temme's series (Temme 1975, J. Comput. Phys. 19; the form of Numerical Recipes'
-    ``bessik``), ``TEMME_TERMS`` terms. The gamma-function combinations
+    """``(log K_mu(x), x K_{mu+1}(x) / (2 K_mu(x)))`` for ``|mu| <= 1/2``,
+    ``0 < x <= TEMME_X``: Temme's series (Temme 1975, J. Comput. Phys. 19; the form of
+    Numerical Recipes' ``bessik``), ``TEMME_TERMS`` terms. The gamma-function combinations
     ``Gamma_1 = (1/Gamma(1-mu) - 1/Gamma(1+mu)) / (2 mu)`` and
     ``Gamma_2 = (1/Gamma(1-mu) + 1/Gamma(1+mu)) / 2`` are the odd and even parts of the
     Taylor series of ``1/Gamma(1+z)``, so nothing cancels at ``mu = 0``."""
@@ -427,7 +426,8 @@ def log_bessel_region(region: int, kind: str, scaled: bool
 
 
 def _positive_order_select(v, x, kind: str, scaled: bool):
-    """All three formulas with sanitised inputs, then a select (v >= 0, x > 0 finite)."""
+    """Every formula of ``kind`` with sanitised inputs, then a select (v >= 0, x > 0
+    finite)."""
     region = region_of(v, x, kind)
     out = jnp.zeros_like(x)
     for r in regions(kind):
