@@ -300,7 +300,7 @@ def _temme_k(mu, x):
     exp_e, exp_minus_e = jnp.exp(e), jnp.exp(-e)
     sinh_e_over_e = jnp.where(  # sinh(e)/e: series (terms to e^16/17!) where exp would cancel
         small_e, _poly([1.0 / math.factorial(2 * j + 1) for j in range(9)], e * e),
-        0.5 * (jnp.exp(e_safe) - jnp.exp(-e_safe)) / e_safe)
+        0.5 * (exp_e - exp_minus_e) / e_safe)
     cosh_e = 0.5 * (exp_e + exp_minus_e)
     mu2 = mu * mu
     gamma_1 = -_poly(_RECIPROCAL_GAMMA[1::2], mu2)
