@@ -34,7 +34,7 @@ import scipy.special  # noqa: E402
 from sparsejax.special import log_iv, log_kv  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import tfp_version, write_results  # noqa: E402
+from common import tfp_jax, tfp_version, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,11 +61,8 @@ def main() -> None:
     v = 10.0 ** rng.uniform(-2, 3, args.points)
     x = 10.0 ** rng.uniform(-3, 4, args.points)
     vj, xj = jnp.asarray(v), jnp.asarray(x)
-    try:
-        from tensorflow_probability.substrates import jax as tfp  # noqa: F401
-        have_tfp = True
-    except ImportError:
-        have_tfp = False
+    tfp = tfp_jax()
+    have_tfp = tfp is not None
 
     rows = []
     for kind, ours_fn, scipy_fn in (
@@ -78,8 +75,6 @@ def main() -> None:
                "scipy_nonfinite": int(np.sum(~np.isfinite(ref))),
                "ours_nonfinite": int(np.sum(~np.isfinite(ours)))}
         if have_tfp:
-            from tensorflow_probability.substrates import jax as tfp
-
             tfp_fn = (tfp.math.log_bessel_ive if kind == "log I"
                       else tfp.math.log_bessel_kve)
             f = jax.jit(lambda a, b, g=tfp_fn: g(a, b))

@@ -183,11 +183,13 @@ def main() -> None:
     truth_i, truth_k = all_i[: v.size], all_k[: v.size]
     truth32_i, truth32_k = all_i[v.size:], all_k[v.size:]
 
-    import jax
+    import jax  # after the truth pool has forked: JAX's threads do not survive a fork
 
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
+    import mpmath
     import scipy.special
+    from common import tfp_jax, tfp_version, write_results
 
     from sparsejax.special import log_iv, log_kv
 
@@ -200,13 +202,10 @@ def main() -> None:
                              log_kv(jnp.asarray(v, jnp.float32), jnp.asarray(x, jnp.float32))),
             "SciPy": (np.log(scipy.special.ive(v, x)) + x, np.log(scipy.special.kve(v, x)) - x),
         }
-        try:
-            from tensorflow_probability.substrates import jax as tfp
-
+        tfp = tfp_jax()
+        if tfp is not None:
             candidates["TFP"] = (tfp.math.log_bessel_ive(v, x) + x,
                                  tfp.math.log_bessel_kve(v, x) - x)
-        except ImportError:
-            pass
     for name, (oi, ok) in candidates.items():
         f32 = name == "ours float32"
         for kind, ours, truth in (("log I", oi, truth32_i if f32 else truth_i),
@@ -259,11 +258,6 @@ def main() -> None:
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['implementation']} | {r['function']} | {r['max']:.2e} | "
               f"{r['median']:.2e} | {r['nonfinite']} | {r['scored']} |" for r in results]
-    import jax
-    import mpmath
-    import scipy
-    from common import tfp_version, write_results
-
     lines += ["", f"Versions: jax {jax.__version__}, SciPy {scipy.__version__}, mpmath "
               f"{mpmath.__version__}{tfp_version()}.", "",
               "Targets: float64 max <= 1e-13, float32 max <= 2e-6, no -inf/NaN. "

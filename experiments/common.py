@@ -161,13 +161,19 @@ def step_time_rows(times: dict[str, list[float]], ratio: dict[str, float],
     return rows
 
 
+def tfp_jax():
+    """TensorFlow Probability's JAX substrate, or None where it is not installed."""
+    try:
+        from tensorflow_probability.substrates import jax as tfp
+    except ImportError:
+        return None
+    return tfp
+
+
 def tfp_version() -> str:
     """", TFP <version> (JAX substrate)" when TensorFlow Probability imports, else ""."""
-    try:
-        import tensorflow_probability
-    except ImportError:
-        return ""
-    return f", TFP {tensorflow_probability.__version__} (JAX substrate)"
+    tfp = tfp_jax()
+    return "" if tfp is None else f", TFP {tfp.__version__} (JAX substrate)"
 
 
 def write_results(out: str | Path, lines: list[str]) -> None:

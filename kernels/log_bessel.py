@@ -50,9 +50,11 @@ from fractions import Fraction
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from sparsejax.kernels.compiler_params import tpu_params, triton_params
 
 __all__ = ["HANKEL", "KINDS", "SMALL", "SMALL_K_STEED", "UNIFORM", "BlockSize", "assemble",
-           "common_float", "log_bessel", "log_bessel_reference", "log_bessel_region",
+           "common_float", "evaluate_region", "log_bessel", "log_bessel_reference",
+           "log_bessel_region",
            "region_of", "regions", "safe_point"]
 
 HANKEL, UNIFORM, SMALL = 0, 1, 2
@@ -425,17 +427,23 @@ def log_bessel_region(region: int, kind: str, scaled: bool
     return lambda v, x: _small_k(v, x, scaled, method)
 
 
+def evaluate_region(region: int, kind: str, scaled: bool, v: jax.Array, x: jax.Array,
+                    inside: jax.Array, out: jax.Array) -> jax.Array:
+    """``out`` with the points ``inside`` set to the formula of ``region``; the other lanes
+    compute at :func:`safe_point` (no inf / NaN that reverse mode could pick up)."""
+    sv, sx = safe_point(region)
+    value = log_bessel_region(region, kind, scaled)(jnp.where(inside, v, sv),
+                                                    jnp.where(inside, x, sx))
+    return jnp.where(inside, value, out)
+
+
 def _positive_order_select(v, x, kind: str, scaled: bool):
     """Every formula of ``kind`` with sanitised inputs, then a select (v >= 0, x > 0
     finite)."""
     region = region_of(v, x, kind)
     out = jnp.zeros_like(x)
     for r in regions(kind):
-        inside = region == r
-        sv, sx = safe_point(r)
-        value = log_bessel_region(r, kind, scaled)(jnp.where(inside, v, sv),
-                                                   jnp.where(inside, x, sx))
-        out = jnp.where(inside, value, out)
+        out = evaluate_region(r, kind, scaled, v, x, region == r, out)
     return out
 
 
@@ -578,13 +586,9 @@ def log_bessel(v: jax.Array, x: jax.Array, kind: str = "i", scaled: bool = False
     params = None
     if not interpret:
         if platform in ("cuda", "gpu", "rocm"):
-            from jax.experimental.pallas import triton as pltriton
-
-            params = pltriton.CompilerParams(num_warps=4, num_stages=1)
+            params = triton_params(num_stages=1)
         elif platform == "tpu":
-            from jax.experimental.pallas import tpu as pltpu
-
-            params = pltpu.CompilerParams(dimension_semantics=("parallel",))
+            params = tpu_params("parallel")
     out = pl.pallas_call(
         functools.partial(_kernel, kind=kind, scaled=scaled),
         grid=(blocks,), in_specs=[spec, spec], out_specs=spec,

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from sparsejax.kernels.compiler_params import tpu_params, triton_params
 
 __all__ = ["GROUP_BLOCK", "BlockSizes", "PackedNM", "nm_matmul", "nm_matmul_reference",
            "pack_nm", "packed_nbytes", "unpack_nm"]
@@ -331,18 +332,6 @@ def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
                                preferred_element_type=jnp.float32)
 
 
-def _tpu_params(*semantics: str):
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pltpu.CompilerParams(dimension_semantics=semantics)
-
-
-def _triton_params():
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.CompilerParams(num_warps=4, num_stages=2)
-
-
 def _forward_call(xp: jax.Array, values, meta, n, m, bs: BlockSizes, platform: str,
                   interpret: bool) -> jax.Array:
     """``xp``: position-major ``(m, M, G)`` -> ``(M, N)`` float32."""
@@ -357,7 +346,7 @@ def _forward_call(xp: jax.Array, values, meta, n, m, bs: BlockSizes, platform: s
                       pl.BlockSpec((n, groups, bs.block_n), lambda i, j: (0, 0, j)),
                       pl.BlockSpec((n, groups // 4, bs.block_n), lambda i, j: (0, 0, j))],
             out_specs=pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j: (i, j)),
-            out_shape=out, compiler_params=_triton_params(), interpret=interpret,
+            out_shape=out, compiler_params=triton_params(num_stages=2), interpret=interpret,
         )(xp, values, meta)
     return pl.pallas_call(
         functools.partial(_fwd_kernel_grid, n=n, m=m),
@@ -367,7 +356,7 @@ def _forward_call(xp: jax.Array, values, meta, n, m, bs: BlockSizes, platform: s
                   pl.BlockSpec((n, bs.block_g // 4, bs.block_n), lambda i, j, k: (0, k, j))],
         out_specs=pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j, k: (i, j)),
         out_shape=out, interpret=interpret,
-        compiler_params=None if interpret else _tpu_params("parallel", "parallel",
+        compiler_params=None if interpret else tpu_params("parallel", "parallel",
                                                            "arbitrary"),
     )(xp, values, meta)
 
@@ -386,7 +375,7 @@ def _dx_call(dy: jax.Array, values, meta, n, m, bs: BlockSizes, platform: str,
                       pl.BlockSpec((n, bs.block_g, cols), lambda i, k: (0, k, 0)),
                       pl.BlockSpec((n, bs.block_g // 4, cols), lambda i, k: (0, k, 0))],
             out_specs=pl.BlockSpec((m, bs.block_m, bs.block_g), lambda i, k: (0, i, k)),
-            out_shape=out, compiler_params=_triton_params(), interpret=interpret,
+            out_shape=out, compiler_params=triton_params(num_stages=2), interpret=interpret,
         )(dy, values, meta)
     return pl.pallas_call(
         functools.partial(_dx_kernel_grid, n=n, m=m),
@@ -396,7 +385,7 @@ def _dx_call(dy: jax.Array, values, meta, n, m, bs: BlockSizes, platform: str,
                   pl.BlockSpec((n, bs.block_g // 4, bs.block_n), lambda i, k, j: (0, k, j))],
         out_specs=pl.BlockSpec((m, bs.block_m, bs.block_g), lambda i, k, j: (0, i, k)),
         out_shape=out, interpret=interpret,
-        compiler_params=None if interpret else _tpu_params("parallel", "parallel",
+        compiler_params=None if interpret else tpu_params("parallel", "parallel",
                                                            "arbitrary"),
     )(dy, values, meta)
 

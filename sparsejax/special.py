@@ -39,10 +39,9 @@ import jax.numpy as jnp
 from sparsejax.kernels.log_bessel import (
     assemble,
     common_float,
-    log_bessel_region,
+    evaluate_region,
     region_of,
     regions,
-    safe_point,
 )
 
 CHUNK = 2048  # points per dispatch chunk
@@ -83,13 +82,7 @@ def _dispatch(v: jax.Array, x: jax.Array, kind: str, scaled: bool) -> jax.Array:
         out = jnp.zeros_like(xc)
         for r in regions(kind):
             inside = rc == r
-            sv, sx = safe_point(r)
-            formula = log_bessel_region(r, kind, scaled)
-
-            def run(o, inside=inside, sv=sv, sx=sx, formula=formula):
-                value = formula(jnp.where(inside, vc, sv), jnp.where(inside, xc, sx))
-                return jnp.where(inside, value, o)
-
+            run = functools.partial(evaluate_region, r, kind, scaled, vc, xc, inside)
             out = jax.lax.cond(jnp.any(inside), run, lambda o: o, out)
         return out
 
