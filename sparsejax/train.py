@@ -108,8 +108,11 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, params: nnx.State | N
     global-norm gradient clipping, and weight decay on matrices only (ndim >= 2).
 
     When ``params`` holds MaskLLM logits (:class:`~sparsejax.nn.MaskLogits`), they get
-    their own AdamW with the learning rate scaled by ``mask_lr_mult`` and no weight decay;
-    with ``freeze_weights`` every other parameter is frozen (no update, no optimiser state).
+    their own Adam with the learning rate scaled by ``mask_lr_mult`` (the reference recipe
+    uses 10) and no weight decay; with ``freeze_weights`` every other parameter is frozen
+    (no update, no optimiser state). Deviation: the reference code puts its 2-D gate tensor
+    in the decayed group (weight decay 0.1 in its recipe); decay pulls every group back
+    towards the uniform choice, against the tau/kappa annealing, so we leave it out.
     Returns ``(optimizer, schedule of the base learning rate)``."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,

@@ -151,6 +151,21 @@ def test_layer_schedules_and_regulariser_follow_its_call_counter():
     assert stats["regularizer"] == 0.0  # lambda decayed to 0
 
 
+def test_regulariser_moves_the_mask_and_leaves_the_weights_alone():
+    # -lambda * sum (W * M)^2 with W held constant (as in the reference code): its gradient
+    # reaches the logits only, so joint training does not also inflate |W|.
+    lin = layer(reg_start=1.0)
+    x = jax.random.normal(jax.random.key(0), (4, 16))
+
+    def regulariser(model):
+        model(x)
+        return model.mask_stats[...][0]
+
+    grads = nnx.grad(regulariser)(lin)
+    assert not np.any(np.asarray(grads["kernel"][...]))
+    assert np.mean(np.asarray(grads["mask_logits"][...]) != 0) > 0.9
+
+
 def test_eval_mode_uses_the_argmax_mask_and_training_mode_samples():
     lin = layer()
     x = jax.random.normal(jax.random.key(0), (4, 16))

@@ -48,9 +48,9 @@ __all__ = ["ACTIVATIONS", "BATCH_AXES", "MASK_STAT_NAMES", "Activation", "Analog
            "QuantState", "SparsityState", "dropout", "pack_model", "shard_batch"]
 
 # What a MaskLLM layer records about its last training call (``Linear.mask_stats``): the
-# regulariser term it adds to the loss (``-lambda * sum (W * M)^2``, with its gradient
-# inside the training trace), the mean candidate entropy, the mean |soft - hard| mask gap,
-# and the scheduled tau and kappa.
+# regulariser term it adds to the loss (``-lambda * sum (W * M)^2``, carrying its gradient
+# to the mask logits inside the training trace; W is held constant in it), the mean
+# candidate entropy, the mean |soft - hard| mask gap, and the scheduled tau and kappa.
 MASK_STAT_NAMES = ("regularizer", "entropy", "soft_hard_gap", "tau", "kappa")
 
 
@@ -285,8 +285,12 @@ class Linear(nnx.Module):
         w_eff = w * soft
         hard = argmax_nm_mask(logits, spec.n, spec.m, 0)
         gap = jnp.mean(jnp.abs(jax.lax.stop_gradient(soft) - hard))
+        # The regulariser rewards keeping large weights by moving the *mask*: W is held
+        # constant in it (as in the reference code, which squares the detached weight
+        # times the mask), so in joint training it does not also push |W| up.
+        kept_norm = jnp.sum(jnp.square(jax.lax.stop_gradient(w) * soft))
         self.mask_stats[...] = jnp.stack([
-            -lam * jnp.sum(jnp.square(w_eff)),
+            -lam * kept_norm,
             mask_entropy(jax.lax.stop_gradient(logits), kappa), gap, tau, kappa])
         return w_eff
 
