@@ -56,6 +56,11 @@ PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
     (r"layers/\d+/kernel", ("embed", "mlp")),  # MLP classifier hidden layers
     (r"layers/\d+/bias", ("mlp",)),
 ]
+# MaskLLM logits (out, in // m, C) follow their kernel: its out axis, then the groups of its
+# in axis (whole groups per device, as check_transform_sharding requires of the kernel),
+# candidates unsplit. Replicated, they would hold 1.5x a 2:4 kernel's entries per device.
+PARAM_AXES += [(pattern.removesuffix("kernel") + "mask_logits", (axes[1], axes[0], None))
+               for pattern, axes in list(PARAM_AXES) if pattern.endswith("/kernel")]
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:

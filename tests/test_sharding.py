@@ -60,6 +60,11 @@ def test_partition_specs_follow_the_logical_axis_rules():
     assert spec_for("0/mu/blocks/1/mlp/fc/bias", (128,), mesh) == PartitionSpec("tensor")
     assert spec_for("blocks/0/ln_1/scale", (32,), mesh) == PartitionSpec()
     assert spec_for("0/count", (), mesh) == PartitionSpec()
+    # MaskLLM logits (out, in // 4, 6) follow their kernel (in, out), candidates unsplit
+    assert spec_for("blocks/1/mlp/proj/mask_logits", (32, 32, 6), mesh) == \
+        PartitionSpec("fsdp", "tensor", None)
+    assert spec_for("blocks/0/attn/qkv/mask_logits", (96, 8, 6), mesh) == \
+        PartitionSpec("tensor", "fsdp", None)
     # size-1 mesh axes are dropped: pure data parallelism replicates every parameter
     assert spec_for("blocks/0/attn/qkv/kernel", (32, 96), abstract_mesh(8, 1, 1)) == \
         PartitionSpec(None, None)
@@ -127,8 +132,8 @@ def test_loss_after_20_steps_on_a_mesh_equals_the_single_device_run(sharded, rul
     np.testing.assert_allclose(sharded["loss"][f"{rules} {mesh}"], single, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("rules", ["quant", "analog"])
-def test_quantised_and_analog_rules_train_alike_on_a_2x2x2_mesh(sharded, rules):
+@pytest.mark.parametrize("rules", ["quant", "analog", "maskllm"])
+def test_quantised_analog_and_maskllm_rules_train_alike_on_a_2x2x2_mesh(sharded, rules):
     # Quantisation rounds: a last-bit difference in a block statistic (another reduction
     # order on the mesh) can move a value across a rounding boundary, so quantised runs
     # agree to ~1e-4 after 20 steps instead of to the last bits.

@@ -1,8 +1,8 @@
 """Run by tests/test_sharding.py in a subprocess with 8 host devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``): trains the tiny GPT for 20 steps
-on several meshes, dense and with an S-STE rule (quantised and analog rules on one mesh),
-resumes a run saved on 8 devices on 1 and one saved on 1 device on 4; prints one JSON
-object of losses and parameter differences."""
+on several meshes, dense and with an S-STE rule (quantised, analog and MaskLLM rules on one
+mesh), resumes a run saved on 8 devices on 1 and one saved on 1 device on 4; prints one
+JSON object of losses and parameter differences."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ QUANT = ("rules=[{path: 'blocks/\\d+/.*', quant: {weights: {method: dat, bits: 4
          "block_size: 16}, activations: {method: dat, bits: 4, block_size: 16}}}]")
 ANALOG = ("rules=[{path: 'blocks/\\d+/(attn|mlp)/.*', analog: {weight_noise: 0.06, "
           "act_noise: 0.1}}]")
+MASKLLM = "rules=[{path: 'blocks/\\d+/(attn|mlp)/.*', sparsity: {method: maskllm}}]"
 MESHES = {"1,1,1": (1, 1, 1), "8,1,1": (8, 1, 1), "2,4,1": (2, 4, 1), "2,2,2": (2, 2, 2)}
 
 
@@ -47,7 +48,7 @@ def main(root: Path) -> None:
         for mesh_name, mesh in MESHES.items():
             res = run(config(root, f"{rules_name}_{mesh_name}", mesh, rules), verbose=False)
             out["loss"][f"{rules_name} {mesh_name}"] = [res["train_loss"], res["val_loss"]]
-    for rules_name, rules in (("quant", QUANT), ("analog", ANALOG)):
+    for rules_name, rules in (("quant", QUANT), ("analog", ANALOG), ("maskllm", MASKLLM)):
         for mesh_name in ("1,1,1", "2,2,2"):
             res = run(config(root, f"{rules_name}_{mesh_name}", MESHES[mesh_name], rules),
                       verbose=False)
