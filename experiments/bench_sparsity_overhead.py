@@ -6,7 +6,7 @@ then the variants are timed in alternating rounds so that machine noise hits all
 Sparsity is *simulated* (dense matmuls with zeros): the cost measured is that of the
 transform, MVUE and metrics, not a speed-up.
 
-    python experiments/bench_sparsity_overhead.py              # ~4 min on 2 CPU cores
+    python experiments/bench_sparsity_overhead.py              # ~9 min on 2 CPU cores
     python experiments/bench_sparsity_overhead.py --steps 50 --rounds 5
 
 Targets on CPU: S-STE <= 1.10 x dense, S-STE + MVUE <= 1.25 x dense.
@@ -28,6 +28,9 @@ VARIANTS = {
     "sr_ste": [f"rules=[{{path: '{FFN}', sparsity: {{method: sr_ste}}}}]"],
     "sste": [f"rules=[{{path: '{FFN}', sparsity: {{method: sste}}}}]"],
     "sste+mvue": [f"rules=[{{path: '{FFN}', sparsity: {{method: sste, mvue: true}}}}]"],
+    "maskllm": [f"rules=[{{path: '{FFN}', sparsity: {{method: maskllm}}}}]"],
+    "maskllm frozen": [f"rules=[{{path: '{FFN}', sparsity: {{method: maskllm, "
+                       "freeze_weights: true}}]"],
 }
 
 
@@ -40,7 +43,9 @@ def main() -> None:
     overhead_report("N:M sparse training step time over dense (simulated sparsity)",
                     "bench_sparsity_overhead.py", args, " (FFN linears 2:4)", "dense", times,
                     ratio, targets, "Each step includes the per-layer sparsity metrics the "
-                    "trainer logs (flip rate, realised sparsity, near-threshold fraction).")
+                    "trainer logs (flip rate, realised sparsity, near-threshold fraction; "
+                    "MaskLLM: entropy, soft-hard gap, regulariser). MaskLLM frozen: its "
+                    "mask-only mode (weights get no gradient or update).")
 
 
 if __name__ == "__main__":
