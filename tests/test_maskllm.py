@@ -262,3 +262,15 @@ def test_init_from_rejects_a_checkpoint_of_another_shape(tiny_gpt, tmp_path):
                                           r"this model \(64,\)$"):
         run(cfg, verbose=False)
     assert not (tmp_path / "other").exists()
+
+
+def test_packed_layer_multiplies_by_the_learned_argmax_mask():
+    lin = layer()
+    x = jax.random.normal(jax.random.key(0), (4, 16))
+    for _ in range(3):  # training calls advance the counter; packing keeps the argmax mask
+        lin(x)
+    lin.eval()
+    expected = lin(x)
+    lin.pack()
+    assert lin.mask_logits is None and lin.packed is not None
+    np.testing.assert_allclose(lin(x), expected, rtol=1e-6, atol=1e-6)
