@@ -115,8 +115,9 @@ def main() -> None:
     for name, slug, rule_override in variants:
         cfg = load_config(tiny, [*finetune, rule_override, f"name=mask_{slug}",
                                  f"run_dir={runs / slug}"])
+        start = init_model(cfg)  # the dense weights with this variant's initial masks
         if name.startswith("one-shot"):  # no training: the pruned dense model as it is
-            model = init_model(cfg)
+            model = start
             val, seconds = evaluate_model(model, cfg)["loss"], 0.0
             trained = "nothing"
         else:
@@ -129,7 +130,7 @@ def main() -> None:
         stats = {"sparsity": None, "groups_changed": None, "groups_changed_at_start": None}
         if cfg.rules:  # the masks it ends with, and those it started from
             stats = {**mask_statistics(model, dense_model), "groups_changed_at_start":
-                     mask_statistics(init_model(cfg), dense_model)["groups_changed"]}
+                     mask_statistics(start, dense_model)["groups_changed"]}
         rows.append({"method": name, "val_loss": val, "trained": trained, **stats,
                      "wall_seconds": seconds})
     dense_loss, oneshot = rows[0]["val_loss"], rows[2]["val_loss"]
