@@ -47,6 +47,7 @@ from common import save_figure, scalars, text_data, training_wall_seconds, write
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK_LINEARS = "blocks/\\d+/(attn/(qkv|proj)|mlp/(fc|proj))"
+DEFAULT_OUT = "experiments/results/maskllm_vs_oneshot"
 
 
 def mask_statistics(model, dense_model) -> dict[str, float]:
@@ -79,7 +80,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--override", action="append", default=[],
                         help="dotted config override for every run (repeatable)")
-    parser.add_argument("--out", default=str(REPO / "experiments/results/maskllm_vs_oneshot"))
+    parser.add_argument("--out", default=str(REPO / DEFAULT_OUT))
     args = parser.parse_args()
 
     data, data_overrides = text_data(args.data)
@@ -142,12 +143,18 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "results.csv", rows)
+    out_label = (str(out.resolve().relative_to(REPO)) if out.resolve().is_relative_to(REPO)
+                 else str(out))
     cmd = " ".join(["python experiments/maskllm_vs_oneshot.py", f"--steps {args.steps}",
                     f"--lr {args.lr}",
                     "--mask-lr-mults " + " ".join(f"{m:g}" for m in args.mask_lr_mults),
                     *([f"--dense {args.dense}"] if args.dense else
                       [f"--dense-steps {args.dense_steps}"]),
-                    *(f"--override {o}" for o in args.override)])
+                    *(f"--override {o}" for o in args.override),
+                    *([f"--seed {args.seed}"] if args.seed else []),
+                    *([f"--paths '{args.paths}'"] if args.paths != BLOCK_LINEARS else []),
+                    *([f"--data {args.data}"] if args.data else []),
+                    *([f"--out {out_label}"] if out_label != DEFAULT_OUT else [])])
     lines = ["# MaskLLM vs one-shot magnitude 2:4 pruning of a trained dense GPT", "",
              f"Command: `{cmd}`  ",
              f"Data: `{Path(data).name if data else 'stdlib corpus'}`; dense model "
