@@ -64,19 +64,19 @@ def _mp_log_k(mp, v, x):
     hi = peak + step
     while g(hi) - top > -90:
         hi = peak + 2 * (hi - peak)
-    a, b = peak, hi  # bisect for the right edge
-    for _ in range(80):
-        mid = (a + b) / 2
-        a, b = (a, mid) if g(mid) - top < -90 else (mid, b)
-    hi = b
-    if g(0) - top > -90:  # the window reaches 0: integrate the even integrand over [-hi, hi]
-        lo = -hi
-    else:  # bisect for the left edge in (0, peak)
-        a, b = mp.mpf(0), peak
+
+    def edge(inside, outside):  # bisect to where g falls e^-90 below the peak
         for _ in range(80):
-            mid = (a + b) / 2
-            a, b = (mid, b) if g(mid) - top < -90 else (a, mid)
-        lo = a
+            mid = (inside + outside) / 2
+            if g(mid) - top < -90:
+                outside = mid
+            else:
+                inside = mid
+        return outside
+
+    hi = edge(peak, hi)
+    # the window reaches 0: integrate the even integrand over [-hi, hi]
+    lo = -hi if g(0) - top > -90 else edge(peak, mp.mpf(0))
     previous = None
     for n in (256, 512, 1024, 2048, 4096, 8192, 16384):
         h = (hi - lo) / n
