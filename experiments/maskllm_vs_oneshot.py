@@ -48,6 +48,7 @@ from common import save_figure, scalars, text_data, training_wall_seconds, write
 REPO = Path(__file__).resolve().parents[1]
 BLOCK_LINEARS = "blocks/\\d+/(attn/(qkv|proj)|mlp/(fc|proj))"
 DEFAULT_OUT = "experiments/results/maskllm_vs_oneshot"
+NO_MASK_STATS = dict.fromkeys(("sparsity", "groups_changed", "groups_changed_at_start"))
 
 
 def mask_statistics(model, dense_model) -> dict[str, float]:
@@ -110,13 +111,14 @@ def main() -> None:
     dense_cfg.rules = []
     dense_model = init_model(dense_cfg)
     rows = [{"method": "dense (no pruning)", "val_loss": evaluate_model(
-        dense_model, dense_cfg)["loss"], "trained": "-", "sparsity": None,
-        "groups_changed": None, "groups_changed_at_start": None, "wall_seconds": 0.0}]
+        dense_model, dense_cfg)["loss"], "trained": "-", **NO_MASK_STATS,
+        "wall_seconds": 0.0}]
     curves = {}
     for name, slug, rule_override in variants:
         cfg = load_config(tiny, [*finetune, rule_override, f"name=mask_{slug}",
                                  f"run_dir={runs / slug}"])
-        start = init_model(cfg)  # the dense weights with this variant's initial masks
+        # the dense weights with this variant's initial masks
+        start = init_model(cfg) if cfg.rules else None
         if name.startswith("one-shot"):  # no training: the pruned dense model as it is
             model = start
             val, seconds = evaluate_model(model, cfg)["loss"], 0.0
@@ -128,7 +130,7 @@ def main() -> None:
             curves[name] = scalars(runs / slug, "val/loss")
             trained = "mask logits only" if "MaskLLM" in name else "all weights"
             model = load_model(runs / slug)[0]
-        stats = {"sparsity": None, "groups_changed": None, "groups_changed_at_start": None}
+        stats = NO_MASK_STATS
         if cfg.rules:  # the masks it ends with, and those it started from
             stats = {**mask_statistics(model, dense_model), "groups_changed_at_start":
                      mask_statistics(start, dense_model)["groups_changed"]}
