@@ -27,14 +27,14 @@ def scalar_events(run_dir: str | Path) -> dict[str, list]:
     return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
 
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 
 
-def text_data(path: str | None) -> tuple[str | None, list[str]]:
-    """The experiments' corpus: ``path``, else tinyshakespeare from ../shared/data when
-    present, else None (the built-in stdlib corpus). Returns it and its config overrides."""
-    data = path or (str(SHAKESPEARE) if SHAKESPEARE.is_file() else None)
-    return data, (["data.source=text", f"data.path={data}"] if data else [])
+def text_data(path: str | None) -> tuple[str, list[str]]:
+    """The experiments' corpus: ``path``, else the repository's tinyshakespeare
+    (``data/tinyshakespeare.txt``). Returns it and its config overrides."""
+    data = path or str(SHAKESPEARE)
+    return data, ["data.source=text", f"data.path={data}"]
 
 
 def events(run_dir: Path, tag: str) -> list:

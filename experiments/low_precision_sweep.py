@@ -4,8 +4,8 @@ full-precision baseline, all on the same GPT, data, seed and step budget.
 
 Every transformer-block linear (attention qkv/proj, MLP fc/proj) has its weights and input
 activations quantised by path rule, sub-channel blocks of 128; embeddings, LayerNorms and
-the tied head stay full precision. DAT uses the card's forms (METHODS.md 3.6): affine for
-1/2/4 bits, linear for ternary and under 2:4 sparsity (pruned by STE, the card's
+the tied head stay full precision. DAT uses the paper's forms (docs/methods.md §3): affine for
+1/2/4 bits, linear for ternary and under 2:4 sparsity (pruned by STE, the paper's
 stopped-gradient noise). Quantisation is simulated (float32 arithmetic).
 
 Writes ``results.md`` / ``results.csv`` (final validation loss, NaN/divergence, wall time)
@@ -112,7 +112,7 @@ def main() -> None:
                     *([f"--data {args.data}"] if args.data else [])])
     lines = ["# Low-precision sweep: denoising affine transform vs absmax-STE", "",
              f"Command: `{cmd}`  ",
-             f"Data: `{Path(data).name if data else 'stdlib corpus'}`; model "
+             f"Data: `{Path(data).name}`; model "
              "`configs/gpt_tiny.yaml` (0.84M params), every block linear's weights and input "
              f"activations quantised (blocks of 128); {args.steps} steps, seed {args.seed}. "
              "Simulated quantisation on 2 CPU cores.", "",

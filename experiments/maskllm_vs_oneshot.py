@@ -1,6 +1,6 @@
 """Learned 2:4 masks (MaskLLM) against one-shot magnitude pruning of a trained dense GPT.
 
-Starting from one dense checkpoint (trained here by the spine unless ``--dense RUN`` is
+Starting from one dense checkpoint (trained here by ``sparsejax train`` unless ``--dense RUN`` is
 given), every block linear (attention and FFN) is made 2:4 sparse three ways:
 
 (a) one-shot: the magnitude mask of the dense weights, no training (evaluated as is);
@@ -159,7 +159,7 @@ def main() -> None:
                     *([f"--out {out_label}"] if out_label != DEFAULT_OUT else [])])
     lines = ["# MaskLLM vs one-shot magnitude 2:4 pruning of a trained dense GPT", "",
              f"Command: `{cmd}`  ",
-             f"Data: `{Path(data).name if data else 'stdlib corpus'}`; dense model "
+             f"Data: `{Path(data).name}`; dense model "
              f"`configs/gpt_tiny.yaml` ({'given' if args.dense else f'{args.dense_steps} steps'}); "
              f"2:4 on `{args.paths}`; {args.steps} fine-tuning steps at peak lr {args.lr}; "
              f"seed {args.seed}. Simulated sparsity on 2 CPU cores.", "",

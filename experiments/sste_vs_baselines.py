@@ -8,8 +8,8 @@ mask flip rate, wall time) and ``curves.png`` (validation loss and flip rate).
     python experiments/sste_vs_baselines.py                     # ~15 min on 2 CPU cores
     python experiments/sste_vs_baselines.py --steps 3000 --seeds 0 1 2 --override model.n_embd=256
 
-Data: tinyshakespeare from ../shared/data when present, else ``--data FILE`` (any text)
-or the built-in stdlib corpus. Paper's claim (Hu, Zhu, Chen 2024): S-STE closes more of the
+Data: the repository's tinyshakespeare (``data/tinyshakespeare.txt``), or ``--data FILE``
+(any text). Paper's claim (Hu, Zhu, Chen 2024): S-STE closes more of the
 gap to dense than SR-STE, and SR-STE more than STE. Sparsity here is simulated.
 """
 
@@ -97,7 +97,7 @@ def main() -> None:
                     *([f"--data {args.data}"] if args.data else [])])
     lines = ["# S-STE vs STE / SR-STE / dense: 2:4 FFN sparsity, small GPT pre-training", "",
              f"Command: `{cmd}`  ",
-             f"Data: `{Path(data).name if data else 'stdlib corpus'}`; model "
+             f"Data: `{Path(data).name}`; model "
              "`configs/gpt_tiny.yaml` (0.84M params, FFN linears 2:4 by rule); "
              f"{args.steps} steps; seeds {args.seeds}. Simulated sparsity on 2 CPU cores.", "",
              "| method | val loss | val bpb | gap to dense (nats) | final flip rate | wall s |",

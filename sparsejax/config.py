@@ -32,6 +32,7 @@ from sparsejax.sparsity import NMSpec
 __all__ = [
     "AnalogConfig",
     "CheckpointConfig",
+    "CheckpointError",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -50,12 +51,40 @@ __all__ = [
     "apply_overrides",
     "config_diff",
     "load_config",
+    "resolve_data_path",
     "to_yaml",
 ]
 
 
 class ConfigError(ValueError):
-    """A configuration problem; the message is one line naming the key."""
+    """A configuration problem; the message is one line naming the key. ``kind`` is how the
+    command line labels it (``sparsejax: config error: ...``)."""
+
+    kind = "config error"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint or run directory that cannot be found or read (``train.init_from``,
+    ``sparsejax compare``, ``evaluate-analog``); the message is one line naming the path."""
+
+    kind = "checkpoint error"
+
+
+# The repository holding this package (a source checkout or an editable install): relative
+# data paths such as ``data/tinyshakespeare.txt`` also resolve against it, so a config runs
+# from any working directory.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_data_path(path: str | Path) -> Path | None:
+    """``path`` if it exists (relative to the working directory), else a relative ``path``
+    under the repository root if it exists there, else None."""
+    candidate = Path(path).expanduser()
+    if candidate.exists():
+        return candidate
+    if not candidate.is_absolute() and (REPO_ROOT / candidate).exists():
+        return REPO_ROOT / candidate
+    return None
 
 
 class ModelKind(str, enum.Enum):
@@ -138,7 +167,7 @@ class CheckpointConfig:
 
 @dataclass
 class SparsityConfig:
-    """N:M sparsity of the matched linear layers (METHODS.md sections 1-2)."""
+    """N:M sparsity of the matched linear layers (docs/methods.md §1-2)."""
 
     method: str = "sste"  # sparsejax.sparsity.METHODS: dense | ste | sr_ste | sste | maskllm
     n: int = 2
@@ -147,7 +176,7 @@ class SparsityConfig:
     fp8: bool = False  # simulate FP8 operands (E4M3 forward, E5M2 backward)
     decay: float = 2e-4  # SR-STE lambda_W (ignored by the other methods)
     kernel: str = "xla"  # xla (masked dense matmul) | pallas (packed 2:4 kernel, m <= 4)
-    # MaskLLM (learned masks, METHODS.md 2); linear schedules over schedule_steps
+    # MaskLLM (learned masks, docs/methods.md §2); linear schedules over schedule_steps
     # (0 = train.steps): Gumbel temperature, logit scale, regulariser weight -> 0.
     tau_start: float = 4.0
     tau_end: float = 0.05
@@ -164,7 +193,7 @@ class SparsityConfig:
 
 @dataclass
 class QuantConfig:
-    """Quantisation of one tensor of the matched layers (METHODS.md sections 3-4); the
+    """Quantisation of one tensor of the matched layers (docs/methods.md §3-4); the
     fields of ``sparsejax.quant.QuantSpec``."""
 
     method: str = "dat"  # dat | absmax_ste | lsq | fp8
@@ -185,7 +214,7 @@ class QuantRuleConfig:
 
 @dataclass
 class AnalogConfig:
-    """Analog in-memory-computing simulation of the matched layers (METHODS.md 5); the
+    """Analog in-memory-computing simulation of the matched layers (docs/methods.md §5); the
     fields of ``sparsejax.analog.AnalogSpec``. Linear layers take the weight / output /
     converter settings, activation layers (``blocks/<i>/mlp/act``, ``acts/<i>``) the
     ``act_*`` ones. Noise is drawn in training only, unless ``noise_in_eval``."""
@@ -448,7 +477,9 @@ def validate(cfg: Config) -> None:
                  f"model.kind=mlp needs data.source=digits, got {d.source.value}")
     if d.source in (DataSource.text, DataSource.tokens):
         _require(d.path is not None, "data.path", f"data.source={d.source.value} needs a path")
-        _require(Path(d.path).exists(), "data.path", f"file not found: {d.path}")
+        found = resolve_data_path(d.path)
+        _require(found is not None, "data.path", f"file not found: {d.path}")
+        d.path = str(found)
     if d.source in (DataSource.stdlib, DataSource.text):
         _require(m.vocab_size >= 256, "model.vocab_size",
                  f"byte-level data needs vocab_size >= 256, got {m.vocab_size}")
@@ -488,7 +519,7 @@ def validate(cfg: Config) -> None:
                 and rule.quant.weights is not None and rule.quant.weights.method == "dat"):
             _require(not rule.quant.weights.affine, f"rules.{i}.quant.weights.affine",
                      "affine DAT would fill the pruned zeros of a sparse layer; set "
-                     "affine: false (the linear form, METHODS.md 3.6)")
+                     "affine: false (the linear form, docs/methods.md §3)")
 
 
     masked = [(i, r.sparsity) for i, r in enumerate(cfg.rules)
