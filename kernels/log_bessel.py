@@ -1,13 +1,13 @@
 """Logarithms of the modified Bessel functions I_v(x) and K_v(x): the elementwise algorithm,
 a Pallas kernel that runs it, and the pure-JAX reference.
 
-Algorithm (METHODS.md 6; Plesner, Sorensen, Hauberg, ICS 2024): everything in log space,
+Algorithm (docs/methods.md §6; Plesner, Sorensen, Hauberg, ICS 2024): everything in log space,
 one of three formulas per point, chosen by :func:`region_of` (``v >= 0``, ``x > 0``):
 
 * ``HANKEL`` (``x > 30`` and ``v^2 < 2x``): the large-argument expansion (DLMF 10.40.1-2),
   20 terms, ``c_k = c_{k-1} (mu - (2k-1)^2) / (8 k x)`` with ``mu = 4 v^2`` (alternating
   signs for I). Under ``v^2 < 2x`` term 20 is below ``1/20! ~ 4e-19`` of the first (this
-  is the guard of the independent port in METHODS.md; it replaces the reference's 3-term
+  is the guard of an independent port of the paper's code; it replaces the reference's 3-term
   branch, which only saves time).
 * ``UNIFORM`` (else if ``v > 12.7``, or ``x > 19.69`` and ``v > 0.7``): the Debye
   expansion (DLMF 10.41.3-4) with ``u_0 .. u_13``; the polynomials are generated exactly
@@ -73,7 +73,7 @@ TEMME_TERMS = 18  # x <= 2: the last term is below 1e-17 of the sum
 TEMME_X = {"float32": 1.0, "float64": 2.0}
 STEED_TERMS = {"float32": 48, "float64": 96}
 MAX_ORDER_STEPS = 13  # v <= 12.7 in the small region: K_{mu+n}, n = round(v) <= 13
-# The reference implementation's uniform-expansion boundaries (METHODS.md 6).
+# The reference implementation's uniform-expansion boundaries (docs/methods.md §6).
 UNIFORM_V, UNIFORM_X, UNIFORM_V_MIN = 12.7, 19.69, 0.7
 HANKEL_X = 30.0
 _LOG_2PI = math.log(2 * math.pi)

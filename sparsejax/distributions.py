@@ -3,7 +3,7 @@
 ``VonMisesFisher(mu, kappa)`` on the unit sphere ``S^{d-1}``:
 ``p(x) = C_d(kappa) exp(kappa mu^T x)`` with
 ``log C_d(kappa) = (d/2 - 1) log kappa - (d/2) log(2 pi) - log I_{d/2-1}(kappa)``
-(METHODS.md 6). The Bessel function is evaluated in log space, so the normaliser stays
+(docs/methods.md §6). The Bessel function is evaluated in log space, so the normaliser stays
 finite for d in the tens of thousands and kappa up to 1e6 (float64), and gradients with
 respect to kappa come from ``log_iv``'s closed-form derivative.
 """

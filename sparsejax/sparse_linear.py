@@ -1,4 +1,4 @@
-"""The sparse linear op ``y = x @ W_eff`` with S-STE's three-GEMM layout (METHODS.md 1).
+"""The sparse linear op ``y = x @ W_eff`` with S-STE's three-GEMM layout (docs/methods.md §1).
 
 | GEMM                      | sparse operand                                   |
 |---------------------------|--------------------------------------------------|

@@ -2,7 +2,7 @@
 
 ``log_iv(v, x)``, ``log_kv(v, x)``, ``log_ive(v, x) = log I_v(x) - x`` and
 ``log_kve(v, x) = log K_v(x) + x``: the log-space algorithm of Plesner, Sorensen and
-Hauberg (ICS 2024; ``../shared/docs/METHODS.md`` section 6) - large-argument (Hankel),
+Hauberg (ICS 2024; ``docs/methods.md`` section 6) - large-argument (Hankel),
 uniform (Debye) and small-argument formulas chosen per point - shared with the Pallas
 kernel ``sparsejax.kernels.log_bessel`` (its ``log_bessel_reference`` is this module's
 evaluation). Nothing overflows or underflows: ``log_ive(1e4, 1e3)`` is finite where

@@ -41,7 +41,7 @@ def _folded_normal_moments(mu: float, sigma: float) -> tuple[float, float]:
 def test_programming_noise_std_follows_the_polynomial(ratio):
     g_target = jnp.full((N,), ratio * PCM.g_max)
     g_prog, _ = PCM.program_conductance(g_target, jax.random.key(0))
-    expected = 0.26348 + 1.9650 * ratio - 1.1731 * ratio ** 2  # uS, METHODS.md 5
+    expected = 0.26348 + 1.9650 * ratio - 1.1731 * ratio ** 2  # uS, docs/methods.md §5
     assert float(PCM.programming_noise_std(g_target[0])) == pytest.approx(expected, rel=1e-6)
     # clipping at 0 is > 5 sigma away at these points, so the std is the polynomial's
     assert float(jnp.std(g_prog - g_target)) == pytest.approx(expected, rel=0.01)

@@ -1,4 +1,4 @@
-"""MaskLLM (learned N:M masks, METHODS.md 2): the candidate set, the Gumbel-softmax mask and
+"""MaskLLM (learned N:M masks, docs/methods.md §2): the candidate set, the Gumbel-softmax mask and
 its gradient, the prior, the schedules, the layer's train/eval forms, the optimiser's
 mask-only mode, config errors, and a frozen-weight run from a dense checkpoint."""
 

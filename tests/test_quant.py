@@ -40,7 +40,7 @@ def np_blocks(x: np.ndarray, block: int, axis: int) -> list[np.ndarray]:
 
 
 def np_ridge(x: np.ndarray, q: np.ndarray, lam: float, affine: bool):
-    """Closed form of METHODS.md 3.3 per block (last axis), float64, population moments."""
+    """Closed form of docs/methods.md §3 per block (last axis), float64, population moments."""
     if affine:
         mx, mq = x.mean(-1, keepdims=True), q.mean(-1, keepdims=True)
         s = ((x - mx) * (q - mq)).mean(-1, keepdims=True) / (((q - mq) ** 2).mean(

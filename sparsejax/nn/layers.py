@@ -99,7 +99,7 @@ UNIT_GAUSSIAN_ABS_MEAN = math.sqrt(2.0 / math.pi)
 
 
 class LSQQuantizer(nnx.Module):
-    """LSQ with a learned per-tensor step (Esser et al. 2020; METHODS.md 4).
+    """LSQ with a learned per-tensor step (Esser et al. 2020; docs/methods.md §4).
 
     The step is an ``nnx.Param`` (trained with the weights, no weight decay: it is a
     scalar), initialised to ``2 E|x| / sqrt(Q_p)``; its gradient is scaled by
@@ -131,7 +131,7 @@ class Linear(nnx.Module):
     """``y = x @ W + b`` with ``W`` of shape ``(in_features, out_features)``.
 
     Axis 0 of ``W`` is the contracting axis: N:M groups and quantisation blocks run along
-    it (see ``../shared/docs/METHODS.md``, conventions). A layer is dense and full
+    it (see ``docs/methods.md``, conventions). A layer is dense and full
     precision until path rules (``sparsejax.nn.apply_rules``) configure it:
 
     * :meth:`set_sparsity` gives it an :class:`~sparsejax.sparsity.NMSpec`; it then
@@ -184,7 +184,7 @@ class Linear(nnx.Module):
     def set_sparsity(self, spec: NMSpec, seed: int = 0, total_steps: int | None = None
                      ) -> None:
         """Make this layer N:M sparse. S-STE's beta is fitted to the *current* kernel and
-        frozen (METHODS.md section 1); ``seed`` keys this layer's MVUE draws and MaskLLM's
+        frozen (docs/methods.md §1); ``seed`` keys this layer's MVUE draws and MaskLLM's
         logit initialisation and Gumbel draws. MaskLLM's schedules run over
         ``spec.schedule_steps`` training calls, or ``total_steps`` when that is 0; its
         logits start from the *current* kernel's magnitude mask (``spec.prior``)."""
@@ -207,14 +207,15 @@ class Linear(nnx.Module):
 
     def set_quant(self, weights: QuantSpec | None = None,
                   activations: QuantSpec | None = None) -> None:
-        """Quantise this layer's weights and/or input activations (simulated, METHODS.md
-        3-4). Call after :meth:`set_sparsity`: LSQ's weight step is initialised from the
-        current kernel. Raises ``ValueError`` for an affine DAT on a sparse layer (its
-        offset would fill the pruned zeros; the card uses the linear form with sparsity)."""
+        """Quantise this layer's weights and/or input activations (simulated,
+        docs/methods.md §3-4). Call after :meth:`set_sparsity`: LSQ's weight step is
+        initialised from the current kernel. Raises ``ValueError`` for an affine DAT on a
+        sparse layer (its offset would fill the pruned zeros; the paper uses the linear form
+        with sparsity)."""
         if (weights is not None and not weights.keeps_zeros and self.sparsity is not None
                 and self.sparsity.method != "dense"):
             raise ValueError("affine DAT does not keep pruned weights at zero; use "
-                             "affine: false for weights of a sparse layer (METHODS.md 3.6)")
+                             "affine: false for weights of a sparse layer (docs/methods.md §3)")
         self.weight_quant, self.act_quant = weights, activations
         self.weight_lsq = self.act_lsq = None
         if weights is not None and weights.method == "lsq":
@@ -229,7 +230,7 @@ class Linear(nnx.Module):
                           if activations is not None else None)
 
     def set_analog(self, spec: AnalogSpec, seed: int = 0) -> None:
-        """Simulate this layer on an analog tile (``sparsejax.analog``, METHODS.md 5):
+        """Simulate this layer on an analog tile (``sparsejax.analog``, docs/methods.md §5):
         weight clipping and noise, DAC/ADC, output and read noise per ``spec``. Noise keys
         come from ``seed`` and a checkpointed call counter. Raises ``ValueError`` with an
         N:M method whose own matmul path cannot take the analog product (MVUE, FP8
@@ -271,7 +272,7 @@ class Linear(nnx.Module):
         return jnp.matmul(x, w)
 
     def _maskllm_training_weight(self, w: jax.Array) -> jax.Array:
-        """``W * M`` with this call's Gumbel-softmax mask (METHODS.md 2). Advances the
+        """``W * M`` with this call's Gumbel-softmax mask (docs/methods.md §2). Advances the
         layer's call counter (the schedules' step and the Gumbel key, so a resumed run
         draws the same masks) and records :data:`MASK_STAT_NAMES` in ``mask_stats``."""
         spec, logits = self.sparsity, self.mask_logits[...]

@@ -32,7 +32,7 @@ __all__ = ["analog_layers", "apply_rules", "assign_rules", "layer_metrics", "mas
            "mask_choices", "mask_layers", "mask_training_options", "named_layers",
            "quant_metrics", "quantized_layers", "regularization_loss", "sparse_layers"]
 
-NEAR_THRESHOLD = 1e-3  # "within 1e-3 of the threshold" (issue: what researchers watch)
+NEAR_THRESHOLD = 1e-3  # weights within 1e-3 of their group threshold: the ones about to flip
 
 
 def named_layers(model: nnx.Module, types: tuple[type, ...] = (Linear,)
