@@ -230,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"sparsejax: config error: {err}", file=sys.stderr)
+        print(f"sparsejax: {err.kind}: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("sparsejax: interrupted; the latest checkpoint is kept", file=sys.stderr)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsejax.config import ConfigError
+from sparsejax.config import CheckpointError, ConfigError
 from sparsejax.nn import named_layers
 
 __all__ = ["CompareError", "Loaded", "compare_checkpoints", "format_rows", "load_checkpoint"]
@@ -38,7 +38,7 @@ METRICS = ("rel_distance", "cosine", "sparsity", "mask_overlap", "mask_hamming",
 TILE = 64
 
 
-class CompareError(ConfigError):
+class CompareError(CheckpointError):
     """A checkpoint that cannot be found or read; the message is one line."""
 
 
@@ -58,17 +58,11 @@ def load_checkpoint(path: str | Path, step: int | None = None) -> Loaded:
     ``<run>/checkpoints/<step>``. Raises :class:`CompareError` (one line)."""
     from sparsejax.train import load_model, resolve_checkpoint
 
-    path = Path(path)
-    if not path.exists():
-        raise CompareError(f"checkpoint not found: {path}")
     run_dir, step = resolve_checkpoint(path, step)
     try:
         model, cfg, step = load_model(run_dir, step)
     except ConfigError as err:
         raise CompareError(str(err)) from None
-    except Exception as err:  # Orbax / tensorstore errors on a damaged checkpoint
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CompareError(f"cannot restore {path} (step {step}): {first[:200]}") from None
     weights, sparse, quant_mse = {}, set(), {}
     for layer_path, layer in named_layers(model):
         w, stats = layer.effective_kernel_with_stats()

@@ -5,7 +5,8 @@ The model is an NNX module split once into ``(graphdef, params, rest)``; the tra
 a pure jitted function of ``(params, rest, opt_state, batch, step)``, so the trainer adds
 nothing per step beyond what a hand-written Flax + optax loop does (measured by
 ``experiments/bench_train.py``). ``rest`` holds a model's non-trainable variables
-(masks, scales, counters of later transforms) and is threaded through the step.
+(S-STE scales, MaskLLM and noise counters, quantisation statistics) and is threaded
+through the step.
 
 Resumption: the batch and the dropout key of step ``s`` are pure functions of
 ``(seed, s)``, and checkpoints hold params, optimiser state and the RNG key, so a run
@@ -32,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sparsejax.checkpoint import Checkpointer
 from sparsejax.config import (
+    CheckpointError,
     Config,
     ConfigError,
     OptimizerConfig,
@@ -78,6 +80,8 @@ class NonFiniteLossError(RuntimeError):
 
 class RunDirError(ConfigError):
     """The run directory holds something this run must not overwrite."""
+
+    kind = "run directory error"
 
 
 @dataclass
@@ -261,8 +265,8 @@ def init_model(cfg: Config, load_init: bool = True) -> nnx.Module:
         run_dir, step = resolve_checkpoint(cfg.train.init_from)
         try:
             source, _, _ = load_model(run_dir, step)
-        except ConfigError as err:
-            raise ConfigError(f"train.init_from: {err}") from None
+        except ConfigError as err:  # keeps its kind: a missing checkpoint is no config error
+            raise type(err)(f"train.init_from: {err}") from None
         load_params_into(model, source, str(cfg.train.init_from))
     try:
         apply_rules(model, cfg.rules, total_steps=cfg.train.steps)
@@ -276,12 +280,16 @@ def load_model(run_dir: str | Path, step: int | None = None) -> tuple[nnx.Module
 
     Returns ``(model, config, step)``; the model holds the trained parameters and the
     non-trainable state (e.g. S-STE's beta) exactly as saved, in training mode (call
-    ``model.eval()`` for inference: MaskLLM layers then use their argmax masks).
+    ``model.eval()`` for inference: MaskLLM layers then use their argmax masks). Raises
+    :class:`~sparsejax.config.CheckpointError` (one line) when the run directory or the
+    checkpoint is missing or cannot be restored.
     """
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
+    if not run_dir.exists():
+        raise CheckpointError(f"checkpoint not found: {run_dir}")
     if not config_file.is_file():
-        raise RunDirError(f"{run_dir} is not a run directory (no config.yaml)")
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = read_saved_config(config_file)
     model = init_model(cfg, load_init=False)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -289,12 +297,17 @@ def load_model(run_dir: str | Path, step: int | None = None) -> tuple[nnx.Module
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None or step not in ckpt.all_steps():
-            raise RunDirError(f"{run_dir}: no checkpoint at step {step} "
-                              f"(have {ckpt.all_steps()})")
+            raise CheckpointError(f"{run_dir}: no checkpoint at step {step} "
+                                  f"(have {ckpt.all_steps()})")
         tx, _ = build_optimizer(cfg, model)
         target = TrainState(params, rest, tx.init(params),
                             jax.random.key_data(jax.random.key(0))).as_dict()
-        state, _ = ckpt.restore(step, target)
+        try:
+            state, _ = ckpt.restore(step, target)
+        except Exception as err:  # Orbax / TensorStore errors on a damaged checkpoint
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"cannot restore {run_dir} (step {step}): {first[:200]}"
+                                  ) from None
     finally:
         ckpt.close()
     return nnx.merge(graphdef, state["params"], state["rest"]), cfg, step

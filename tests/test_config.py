@@ -75,6 +75,22 @@ def test_cli_config_error_exits_2_with_one_line_and_writes_nothing(
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("argv", [
+    ["compare", "runs/missing_a", "runs/missing_b"],
+    ["train", GPT_TINY, "train.init_from=runs/missing", "train.steps=2",
+     "optimizer.warmup_steps=1"],
+    ["evaluate-analog", "runs/missing"],
+])
+def test_cli_missing_checkpoint_is_a_checkpoint_error_not_a_config_error(
+        argv, tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparsejax: checkpoint error: ") and "runs/missing" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert os.listdir(tmp_path) == []
+
+
 def test_sweep_is_a_cartesian_product_under_one_parent():
     configs = build_configs(GPT_TINY, ["train.steps=5", "optimizer.warmup_steps=1"],
                             ["optimizer.lr=1e-3,2e-3", "train.seed=0,1,2"])
