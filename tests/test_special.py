@@ -70,6 +70,24 @@ def test_float32_keeps_2e_6_where_the_uniform_expansion_cancels(kind):
     assert err.max() <= 2e-6, (v.ravel()[err.argmax()], x.ravel()[err.argmax()], err.max())
 
 
+@pytest.mark.parametrize("kind", ["i", "k"])
+def test_float32_keeps_2e_6_on_random_points_off_the_grid(kind):
+    """Log-uniform (v, x) over the accuracy experiment's domain, rounded to float32, against
+    float64 at those inputs. In the series region the prefactor once cancelled
+    ``v log(x/2)`` against ``lgamma(v + 1)`` (3.6e-6 at v = 7.63, x = 6.76)."""
+    rng = np.random.default_rng(7)
+    v, x = (np.exp(rng.uniform(np.log(lo), np.log(hi), 3000)) for lo, hi in
+            ((1e-3, 1e4), (1e-6, 1e6)))
+    v[:2], x[:2] = [7.62548, 3.09217], [6.75860, 3.80611]  # the worst points seen before
+    v, x = (np.float32(a).astype(np.float64) for a in (v, x))
+    with jax.enable_x64(True):
+        reference = np.asarray(FUNCTIONS[kind](jnp.asarray(v), jnp.asarray(x)))
+    ours = FUNCTIONS[kind](jnp.asarray(v, jnp.float32), jnp.asarray(x, jnp.float32))
+    err = _rel_err(ours, reference)
+    assert np.all(np.isfinite(reference))
+    assert err.max() <= 2e-6, (v[err.argmax()], x[err.argmax()], err.max())
+
+
 def test_negative_order_where_i_is_negative_is_nan():
     rows = [r for r in VALUES if r.get("i_negative") and r["i"] is not None]
     assert rows
