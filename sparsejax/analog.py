@@ -1,6 +1,6 @@
 """Analog in-memory computing in JAX: training-time noise and the PCM inference model.
 
-Pure functions (no modules) over arrays and explicit keys; ``../shared/docs/METHODS.md``
+Pure functions (no modules) over arrays and explicit keys; ``docs/methods.md``
 section 5 has the formulas and their sources.
 
 Training-time noise (hardware-aware training, aihwkit's weight modifiers; activation noise
@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from sparsejax.dtypes import upcast
 
 __all__ = ["AIHWKIT_TIMES", "NOISE_KINDS", "AnalogSpec", "PCMNoiseModel", "ProgrammedWeights",
            "adc", "analog_matmul", "activation_noise", "clip_weights_gaussian", "dac",
@@ -105,7 +107,7 @@ def _straight_through(clean: jax.Array, modified: jax.Array) -> jax.Array:
 
 
 def weight_noise(w: jax.Array, key: jax.Array, std: float, kind: str = "add") -> jax.Array:
-    """Noisy copy of ``w`` for one mini-batch (aihwkit weight modifiers, METHODS.md 5).
+    """Noisy copy of ``w`` for one mini-batch (aihwkit weight modifiers, docs/methods.md §5).
 
     ``add``: ``w + std * max|W| * xi``; ``mult``: ``w * (1 + std * xi)``, ``xi ~ N(0, 1)``
     per weight. As in aihwkit the noisy weight is used in the forward and the backward
@@ -115,8 +117,8 @@ def weight_noise(w: jax.Array, key: jax.Array, std: float, kind: str = "add") ->
     """
     if std == 0:
         return w
-    xi = jax.random.normal(key, w.shape, jnp.float32)
-    w32 = w.astype(jnp.float32)
+    w32 = upcast(w)
+    xi = jax.random.normal(key, w.shape, w32.dtype)
     if kind == "add":
         noisy = w32 + std * jnp.max(jnp.abs(w32)) * xi
     elif kind == "mult":
@@ -136,11 +138,12 @@ def activation_noise(a: jax.Array, key: jax.Array, std: float, correlated: bool 
     if std == 0:
         return a
     shape = (*a.shape[:-1], 1) if correlated else a.shape
-    xi = jax.random.normal(key, shape, jnp.float32)
+    a32 = upcast(a)
+    xi = jax.random.normal(key, shape, a32.dtype)
     if kind == "add":
-        return (a.astype(jnp.float32) + std * xi).astype(a.dtype)
+        return (a32 + std * xi).astype(a.dtype)
     if kind == "mult":
-        return (a.astype(jnp.float32) * (1.0 + std * xi)).astype(a.dtype)
+        return (a32 * (1.0 + std * xi)).astype(a.dtype)
     raise ValueError(f"kind must be one of {NOISE_KINDS}, got {kind!r}")
 
 
@@ -148,22 +151,23 @@ def output_noise(y: jax.Array, key: jax.Array, std: float) -> jax.Array:
     """``y + std * xi`` per output (aihwkit ``out_noise``; ``y`` in normalised units)."""
     if std == 0:
         return y
-    return (y.astype(jnp.float32) + std * jax.random.normal(key, y.shape)).astype(y.dtype)
+    y32 = upcast(y)
+    return (y32 + std * jax.random.normal(key, y.shape, y32.dtype)).astype(y.dtype)
 
 
 def read_noise_mvm(x: jax.Array, w: jax.Array, key: jax.Array, w_noise: float) -> jax.Array:
-    """PCM-read-style MVM noise to add to ``x @ w`` (METHODS.md 5):
+    """PCM-read-style MVM noise to add to ``x @ w`` (docs/methods.md §5):
     ``w_noise * sqrt(sum_j |w_ij| x_j^2) * xi``. ``x``: ``(..., in)``, ``w``: ``(in, out)``
     (normalised units) -> ``(..., out)``."""
-    spread = jnp.sqrt(jnp.matmul(jnp.square(x), jnp.abs(w)).astype(jnp.float32))
-    noise = w_noise * spread * jax.random.normal(key, spread.shape)
+    spread = jnp.sqrt(upcast(jnp.matmul(jnp.square(x), jnp.abs(w))))
+    noise = w_noise * spread * jax.random.normal(key, spread.shape, spread.dtype)
     return jax.lax.stop_gradient(noise).astype(x.dtype)
 
 
 def clip_weights_gaussian(w: jax.Array, alpha: float = 2.5) -> jax.Array:
     """``clip(w, -alpha * std(W), alpha * std(W))`` (aihwkit's layer-Gaussian clip); the
     bound carries no gradient, clipped weights get none."""
-    bound = jax.lax.stop_gradient(alpha * jnp.std(w.astype(jnp.float32))).astype(w.dtype)
+    bound = jax.lax.stop_gradient(alpha * jnp.std(upcast(w))).astype(w.dtype)
     return jnp.clip(w, -bound, bound)
 
 
@@ -233,7 +237,7 @@ class ProgrammedWeights(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class PCMNoiseModel:
     """aihwkit's ``PCMLikeNoiseModel`` (Nandakumar et al. 2019) with the single-pair
-    conductance converter; defaults are aihwkit's (METHODS.md 5).
+    conductance converter; defaults are aihwkit's (docs/methods.md §5).
 
     Attributes:
       g_max: conductance of the largest |weight|, uS.
@@ -277,8 +281,8 @@ class PCMNoiseModel:
     def to_conductances(self, w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Single-pair mapping: ``(g+, g-, max|W|)`` with ``g+- = max(+-w, 0) / max|W| *
         g_max`` (uS)."""
-        w = w.astype(jnp.float32)
-        scale = jnp.maximum(jnp.max(jnp.abs(w)), jnp.finfo(jnp.float32).tiny)
+        w = upcast(w)
+        scale = jnp.maximum(jnp.max(jnp.abs(w)), jnp.finfo(w.dtype).tiny)
         return (jnp.maximum(w, 0) / scale * self.g_max, jnp.maximum(-w, 0) / scale * self.g_max,
                 scale)
 
@@ -288,11 +292,12 @@ class PCMNoiseModel:
         ``max(g_T + sigma_prog xi, 0)`` and drift exponents ``|N(mu_nu, sigma_nu)|``, both
         from the target (as aihwkit)."""
         k_prog, k_nu = jax.random.split(key)
-        xi = jax.random.normal(k_prog, g_target.shape)
+        xi = jax.random.normal(k_prog, g_target.shape, g_target.dtype)
         sigma = self.prog_noise_scale * self.programming_noise_std(g_target)
         g_prog = jnp.maximum(g_target + sigma * xi, 0.0)
         mu, sig = self.drift_exponent_stats(g_target)
-        nu = jnp.abs(mu + sig * jax.random.normal(k_nu, g_target.shape)) * self.drift_scale
+        nu = jnp.abs(mu + sig * jax.random.normal(k_nu, g_target.shape, g_target.dtype))
+        nu = nu * self.drift_scale
         return g_prog, nu
 
     def read_conductance(self, g_prog: jax.Array, nu: jax.Array, t: float | jax.Array,
@@ -301,7 +306,7 @@ class PCMNoiseModel:
         t0)^-nu``, plus 1/f read noise ``|g_drift| sigma_n xi``, clipped at 0."""
         g_drift = g_prog * ((t + self.t0) / self.t0) ** (-nu)
         sigma = self.read_noise_scale * self.read_noise_std(g_prog, t)
-        g = g_drift + jnp.abs(g_drift) * sigma * jax.random.normal(key, g_prog.shape)
+        g = g_drift + jnp.abs(g_drift) * sigma * jax.random.normal(key, g_prog.shape, g_prog.dtype)
         return jnp.maximum(g, 0.0)
 
     def program(self, w: jax.Array, key: jax.Array) -> ProgrammedWeights:

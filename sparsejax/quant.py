@@ -1,7 +1,8 @@
 """Low-precision transforms: the denoising affine transform (DAT) and classic baselines.
 
-Pure, jit-safe functions of arrays (float32 / bfloat16 in, same dtype out; statistics in
-float32). Formulas: ``../shared/docs/METHODS.md`` sections 3-4.
+Pure, jit-safe functions of arrays (bfloat16 / float32 / float64 in, same dtype out;
+statistics in float32, or float64 for float64 inputs). Formulas: ``docs/methods.md``
+sections 3-4.
 
 * :func:`denoise_quant` - Ye et al. 2024 (arXiv 2409.09245): quantisation as additive,
   stopped-gradient noise on the integer grid, then a ridge-regression dequantiser
@@ -43,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax.dtypes import compute_dtype, upcast
 from sparsejax.sparsity import ste
 
 __all__ = [
@@ -119,7 +121,8 @@ def _grid(bits: float, affine: bool) -> tuple[int, int]:
 def _sums(vs: tuple[jax.Array, ...], axes: tuple[int, ...]) -> tuple[jax.Array, ...]:
     """Sums of several same-shape arrays over ``axes`` in one variadic reduction: XLA emits
     one loop reading all operands, where separate sums are separate passes over memory."""
-    return jax.lax.reduce(tuple(vs), (0.0,) * len(vs),
+    # initial values typed like the operands (a Python 0.0 is float64 under jax_enable_x64)
+    return jax.lax.reduce(tuple(vs), tuple(jnp.zeros((), v.dtype) for v in vs),
                           lambda a, b: tuple(u + w for u, w in zip(a, b, strict=True)), axes)
 
 
@@ -133,7 +136,8 @@ def _sums_jvp(axes, primals, tangents):
 def _min_max(lo_v: jax.Array, hi_v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(min(lo_v), max(hi_v))`` over the last axis in one pass. No gradient: used for
     the quantisation grid, which is a constant (see :func:`quantize`)."""
-    return jax.lax.reduce((lo_v, hi_v), (jnp.inf, -jnp.inf),
+    inits = (jnp.array(jnp.inf, lo_v.dtype), jnp.array(-jnp.inf, hi_v.dtype))
+    return jax.lax.reduce((lo_v, hi_v), inits,
                           lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])),
                           (lo_v.ndim - 1,))
 
@@ -212,7 +216,7 @@ def _layout(x: jax.Array, block_size: int, axis: int) -> _Layout:
 
 
 def _quantize_blocks(xb: jax.Array, lay: _Layout, bits: float, affine: bool):
-    """Pre-transform and rounding of blocked ``xb`` ``(..., n_blocks, block)`` (float32).
+    """Pre-transform and rounding of blocked ``xb`` ``(..., n_blocks, block)`` (float32 or float64).
 
     Returns ``(q, q_int, s_f, b_f, clipped)``: ``q = f(x) + stop_gradient(delta)`` (value
     ``q_int``, gradient of ``f``), the grid integers, the per-block pre-transform
@@ -238,7 +242,7 @@ def _quantize_blocks(xb: jax.Array, lay: _Layout, bits: float, affine: bool):
 
 def _ridge_blocks(xb: jax.Array, q: jax.Array, lay: _Layout, lam: float, affine: bool,
                   shifts: tuple[jax.Array, jax.Array] | None = None):
-    """Per-block ridge fit of ``x ~ s_g q + b_g`` (METHODS.md 3.3), population moments.
+    """Per-block ridge fit of ``x ~ s_g q + b_g`` (docs/methods.md §3), population moments.
 
     ``s_g = Cov(x, q) / (Var(q) + lam)``, ``b_g = mean(x) - s_g mean(q)``; linear form
     ``s_g = mean(q x) / (mean(q^2) + lam)``, ``b_g = 0``. A zero denominator (constant
@@ -312,19 +316,19 @@ _denoised.defvjp(_denoised_fwd, _denoised_bwd)
 
 def quantize(x: jax.Array, bits: float, *, affine: bool = True, block_size: int = 128,
              axis: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Pre-transform onto the integer grid and round, per block (METHODS.md 3.1-3.2).
+    """Pre-transform onto the integer grid and round, per block (docs/methods.md §3).
 
     ``f(x) = (x - b_f) / s_f`` (affine; ``b_f`` = block min, ``s_f`` = range / (L - 1)) or
     ``x / s_f`` (linear); ``q = f(x) + stop_gradient(clip(round(f(x))) - f(x))``.
 
-    Returns ``(q, s_f, b_f)``: ``q`` float32 of ``x``'s shape holding grid integers (its
-    gradient is that of ``f``); ``s_f``, ``b_f`` float32 per block. ``s_f`` and ``b_f`` carry
-    no gradient (choice: the block min/max has a one-entry subgradient, and the ridge fit
-    downstream re-fits any affine change of ``q``).
+    Returns ``(q, s_f, b_f)``: ``q`` of ``x``'s shape holding grid integers (its gradient
+    is that of ``f``); ``s_f``, ``b_f`` per block; all float32 (float64 for float64 ``x``).
+    ``s_f`` and ``b_f`` carry no gradient (choice: the block min/max has a one-entry
+    subgradient, and the ridge fit downstream re-fits any affine change of ``q``).
     """
     bits = check_bits(bits)
     lay = _layout(x, block_size, axis)
-    q, _, s_f, b_f, _ = _quantize_blocks(lay.to_blocks(x.astype(jnp.float32)), lay, bits,
+    q, _, s_f, b_f, _ = _quantize_blocks(lay.to_blocks(upcast(x)), lay, bits,
                                          affine)
     return lay.from_blocks(q), lay.per_block(s_f), lay.per_block(b_f)
 
@@ -332,14 +336,15 @@ def quantize(x: jax.Array, bits: float, *, affine: bool = True, block_size: int 
 def ridge_dequant(x: jax.Array, q: jax.Array, *, lam: float = 0.01, affine: bool = True,
                   block_size: int = 128, axis: int = 0) -> tuple[jax.Array, jax.Array]:
     """The denoising dequantiser's ``(s_g, b_g)`` per block: the minimiser of
-    ``(1/2N) ||s_g q + b_g - x||^2 + (lam/2) s_g^2`` (METHODS.md 3.3). Differentiable in
-    both ``x`` and ``q``; float32, per-block shape."""
+    ``(1/2N) ||s_g q + b_g - x||^2 + (lam/2) s_g^2`` (docs/methods.md §3). Differentiable in
+    both ``x`` and ``q``; float32 (float64 for float64 ``x``), per-block shape."""
     _check_lam(lam)
     if q.shape != x.shape:
         raise ValueError(f"ridge_dequant: q has shape {q.shape}, x has {x.shape}")
     lay = _layout(x, block_size, axis)
-    s_g, b_g, _, _ = _ridge_blocks(lay.to_blocks(x.astype(jnp.float32)),
-                                   lay.to_blocks(q.astype(jnp.float32)), lay, lam, affine)
+    s_g, b_g, _, _ = _ridge_blocks(lay.to_blocks(upcast(x)),
+                                   lay.to_blocks(q.astype(compute_dtype(x))), lay, lam,
+                                   affine)
     return lay.per_block(s_g), lay.per_block(b_g)
 
 
@@ -347,7 +352,7 @@ def _denoise(x: jax.Array, bits: float, affine: bool, lam: float, block_size: in
              axis: int, nm: tuple[int, int] | None) -> tuple[jax.Array, dict[str, jax.Array]]:
     bits = check_bits(bits)
     _check_lam(lam)
-    x32 = x.astype(jnp.float32)
+    x32 = upcast(x)
     source = ste(x32, nm[0], nm[1], axis) if nm is not None else x32  # x_S = x + sg(P(x) - x)
     lay = _layout(x, block_size, axis)
     xb = lay.to_blocks(x32)
@@ -357,7 +362,7 @@ def _denoise(x: jax.Array, bits: float, affine: bool, lam: float, block_size: in
     xb_hat = _denoised(xb, q, *shifts, lay, lam, affine)  # denoise the total noise back to x
     s_g = _ridge_blocks(xb, q, lay, lam, affine, shifts)[0]
     errors = lay.totals(jnp.square(s_f * q_int + b_f - xb), jnp.square(xb_hat - xb),
-                        clipped.astype(jnp.float32))
+                        clipped.astype(x32.dtype))
     stats = dict(zip(("mse_naive", "mse", "clip_frac"), errors, strict=True))
     stats["scale"] = jnp.mean(s_g)
     return lay.from_blocks(xb_hat).astype(x.dtype), jax.tree.map(sg, stats)
@@ -366,7 +371,7 @@ def _denoise(x: jax.Array, bits: float, affine: bool, lam: float, block_size: in
 def denoise_quant(x: jax.Array, bits: float, *, affine: bool = True, lam: float = 0.01,
                   block_size: int = 128, axis: int = 0,
                   nm: tuple[int, int] | None = None) -> jax.Array:
-    """The denoising affine transform of METHODS.md section 3; same shape and dtype as x.
+    """The denoising affine transform of docs/methods.md §3; same shape and dtype as x.
 
     1. optional hard N:M prune along ``axis`` as stopped-gradient noise,
        ``x_S = x + stop_gradient(prune(x) - x)``;
@@ -375,7 +380,7 @@ def denoise_quant(x: jax.Array, bits: float, *, affine: bool = True, lam: float 
        (:func:`ridge_dequant`), gradients flowing through ``s_g`` and ``b_g``.
 
     The fit's target is the unpruned ``x``: pruning and rounding are one noise term that
-    the affine map denoises. In the linear form (the card's choice for sparsity) pruned
+    the affine map denoises. In the linear form (the paper's choice for sparsity) pruned
     entries have ``q = 0`` and stay exactly 0.
     """
     return _denoise(x, bits, affine, lam, block_size, axis, nm)[0]
@@ -391,7 +396,7 @@ def _straight_through(x: jax.Array, value: jax.Array) -> jax.Array:
 
 def _absmax(x: jax.Array, bits: float, block_size: int | None, axis: int):
     bits = check_bits(bits)
-    x32 = x.astype(jnp.float32)
+    x32 = upcast(x)
     if block_size is None:  # one scale for the whole tensor
         flat = x32.reshape(1, -1)
         out, stats = _absmax(flat, bits, flat.shape[1], 1)
@@ -401,14 +406,14 @@ def _absmax(x: jax.Array, bits: float, block_size: int | None, axis: int):
     value = lay.from_blocks(q_int * s_f)
     mse = jnp.mean(jnp.square(value - x32))
     stats = {"mse_naive": mse, "mse": mse, "scale": jnp.mean(s_f),
-             "clip_frac": jnp.mean(lay.from_blocks(clipped.astype(jnp.float32)))}
+             "clip_frac": jnp.mean(lay.from_blocks(clipped.astype(x32.dtype)))}
     return _straight_through(x32, value).astype(x.dtype), jax.tree.map(sg, stats)
 
 
 def absmax_ste(x: jax.Array, bits: float, *, block_size: int | None = 128,
                axis: int = 0) -> jax.Array:
     """Symmetric quantise-dequantise ``clip(round(x / s)) * s`` with an identity gradient
-    (METHODS.md 4), ``s = max|x| / Q`` per block (``block_size=None``: per tensor); ternary
+    (docs/methods.md §4), ``s = max|x| / Q`` per block (``block_size=None``: per tensor); ternary
     and 1-bit use ``s = mean|x|`` (module docstring). Same shape and dtype as ``x``."""
     return _absmax(x, bits, block_size, axis)[0]
 
@@ -429,27 +434,29 @@ def lsq(x: jax.Array, step: jax.Array, bits: float, *, grad_scale: float = 1.0) 
     step ``s`` (scalar) whose gradient is multiplied by ``grad_scale`` (the paper's
     ``1 / sqrt(N Q_p)``). Gradient to ``x``: 1 inside the clip range, 0 outside."""
     qn, qp = lsq_range(bits)
-    step = step.astype(jnp.float32)
+    step = upcast(step)
     s = step * grad_scale + sg(step - step * grad_scale)  # value s, gradient * grad_scale
-    v = jnp.clip(x.astype(jnp.float32) / s, -qn, qp)
+    v = jnp.clip(upcast(x) / s, -qn, qp)
     return ((v + sg(jnp.round(v) - v)) * s).astype(x.dtype)
 
 
 def _lsq_stats(x: jax.Array, step: jax.Array, bits: float, grad_scale: float):
     out = lsq(x, step, bits, grad_scale=grad_scale)
     qn, qp = lsq_range(bits)
-    v = sg(x.astype(jnp.float32)) / sg(step)
-    mse = jnp.mean(jnp.square(sg(out).astype(jnp.float32) - x.astype(jnp.float32)))
-    stats = {"mse_naive": mse, "mse": mse, "scale": sg(step).astype(jnp.float32),
+    x32 = upcast(x)
+    v = sg(x32) / sg(step)
+    mse = jnp.mean(jnp.square(upcast(sg(out)) - x32))
+    stats = {"mse_naive": mse, "mse": mse, "scale": sg(step).astype(x32.dtype),
              "clip_frac": jnp.mean(((jnp.round(v) < -qn) | (jnp.round(v) > qp))
-                                   .astype(jnp.float32))}
+                                   .astype(x32.dtype))}
     return out, stats
 
 
 def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
     """``round(x + u)``, ``u ~ U(-0.5, 0.5)``: unbiased (``E = x``), identity gradient."""
-    u = jax.random.uniform(key, x.shape, jnp.float32, -0.5, 0.5)
-    return _straight_through(x, jnp.round(x.astype(jnp.float32) + u).astype(x.dtype))
+    x32 = upcast(x)
+    u = jax.random.uniform(key, x.shape, x32.dtype, -0.5, 0.5)
+    return _straight_through(x, jnp.round(x32 + u).astype(x.dtype))
 
 
 def fp8(x: jax.Array, fmt: str = "e4m3") -> jax.Array:
@@ -459,10 +466,10 @@ def fp8(x: jax.Array, fmt: str = "e4m3") -> jax.Array:
     if fmt not in FP8_FORMATS:
         raise ValueError(f"fp8 format '{fmt}' is not one of {'|'.join(FP8_FORMATS)}")
     dtype = FP8_FORMATS[fmt]
-    x32 = x.astype(jnp.float32)
+    x32 = upcast(x)
     amax = jnp.max(jnp.abs(x32))
     scale = jnp.where(amax > 0, amax / float(jnp.finfo(dtype).max), 1.0)
-    q = (x32 / scale).astype(dtype).astype(jnp.float32)
+    q = (x32 / scale).astype(dtype).astype(x32.dtype)
     return (q * scale).astype(x.dtype)
 
 
@@ -515,7 +522,8 @@ def quantize_with_stats(x: jax.Array, spec: QuantSpec, *, axis: int,
                         step: jax.Array | None = None, grad_scale: float = 1.0
                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Apply ``spec`` to ``x`` along the contracting ``axis``; returns the quantised tensor
-    (same shape and dtype) and float32 diagnostics without gradient:
+    (same shape and dtype) and float32 (float64 for float64 ``x``) diagnostics without
+    gradient:
 
     * ``mse_naive``: MSE of dequantising with the pre-transform's own scale,
       ``s_f q + b_f`` - the error *before* denoising (equal to ``mse`` for the baselines);
@@ -535,11 +543,11 @@ def quantize_with_stats(x: jax.Array, spec: QuantSpec, *, axis: int,
             raise ValueError("quantize_with_stats(method='lsq') needs the learned step")
         return _lsq_stats(x, step, spec.bits, grad_scale)
     out = fp8_ste(x, spec.fmt)
-    x32 = x.astype(jnp.float32)
-    mse = jnp.mean(jnp.square(sg(out).astype(jnp.float32) - x32))
+    x32 = upcast(x)
+    mse = jnp.mean(jnp.square(upcast(sg(out)) - x32))
     amax = jnp.max(jnp.abs(x32)) / float(jnp.finfo(FP8_FORMATS[spec.fmt]).max)
     return out, jax.tree.map(sg, {"mse_naive": mse, "mse": mse, "scale": amax,
-                                  "clip_frac": jnp.zeros((), jnp.float32)})
+                                  "clip_frac": jnp.zeros((), x32.dtype)})
 
 
 def lsq_init_step(x_abs_mean: float, bits: float) -> float:

@@ -3,7 +3,7 @@
 Pure functions of arrays (jit / vmap / grad safe, any float dtype). ``axis`` is the
 contracting (input) axis of the matmul that consumes the tensor - axis 0 of a Flax
 ``(in, out)`` kernel - and a *group* is ``m`` consecutive entries along it.
-Formulas: ``../shared/docs/METHODS.md`` sections 1-2 (S-STE, Hu, Zhu, Chen, NeurIPS 2024;
+Formulas: ``docs/methods.md`` sections 1-2 (S-STE, Hu, Zhu, Chen, NeurIPS 2024;
 SR-STE, Zhou et al., ICLR 2021; MVUE, Chmiel et al., ICLR 2023; MaskLLM, Fang et al.,
 NeurIPS 2024).
 
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sparsejax.dtypes import upcast
 
 __all__ = [
     "KERNELS",
@@ -63,7 +65,7 @@ class NMSpec:
     input-gradient GEMMs on the packed weight, ``sparsejax.kernels.nm_matmul``; needs
     ``m <= 4``).
 
-    MaskLLM (METHODS.md 2) only: Gumbel-softmax temperature ``tau_start -> tau_end`` and
+    MaskLLM (docs/methods.md §2) only: Gumbel-softmax temperature ``tau_start -> tau_end`` and
     logit scale ``kappa_start -> kappa_end``, regulariser weight ``reg_start -> 0``, all
     linear over ``schedule_steps`` training calls (0: the run's ``train.steps``); the
     logits start N(0, ``logit_std``) plus, with ``prior: magnitude``, ``prior_strength``
@@ -173,7 +175,7 @@ def threshold_nm(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0) -> jax.Arr
 
 
 def soft_threshold(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0) -> jax.Array:
-    """S(w) of S-STE: ``sign(w) * max(|w| - tau, 0)`` per group (METHODS.md section 1).
+    """S(w) of S-STE: ``sign(w) * max(|w| - tau, 0)`` per group (docs/methods.md §1).
 
     The top-n entries survive shrunk by tau, the rest are exactly 0 (exactly n non-zeros
     per group when magnitudes are distinct). Continuous in ``w``.
@@ -183,11 +185,11 @@ def soft_threshold(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0) -> jax.A
 
 
 def sste_scale(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0) -> jax.Array:
-    """beta = <W, S(W)> / <S(W), S(W)>: the least-squares fit of S(W) to W (float32 scalar).
-    S-STE computes it once at initialisation and freezes it."""
-    w32 = w.astype(jnp.float32)
+    """beta = <W, S(W)> / <S(W), S(W)>: the least-squares fit of S(W) to W (float32 scalar;
+    float64 for float64 ``w``). S-STE computes it once at initialisation and freezes it."""
+    w32 = upcast(w)
     s = soft_threshold(w32, n, m, axis)
-    return jnp.vdot(w32, s) / jnp.maximum(jnp.vdot(s, s), jnp.finfo(jnp.float32).tiny)
+    return jnp.vdot(w32, s) / jnp.maximum(jnp.vdot(s, s), jnp.finfo(w32.dtype).tiny)
 
 
 # ----------------------------------------------------------------- straight-through forms
@@ -196,7 +198,7 @@ def sste_scale(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0) -> jax.Array
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def sste(w: jax.Array, beta: jax.Array, n: int = 2, m: int = 4, axis: int = 0) -> jax.Array:
     """``beta * S(w)`` forward; straight-through (identity) gradient to ``w``, none to
-    beta (frozen; METHODS.md: beta is not applied to the gradient)."""
+    beta (frozen; docs/methods.md §1: beta is not applied to the gradient)."""
     return (beta * soft_threshold(w, n, m, axis)).astype(w.dtype)
 
 
@@ -306,7 +308,7 @@ def _mask_from_probs(probs: jax.Array, n: int, m: int, axis: int) -> jax.Array:
 def gumbel_nm_mask(logits: jax.Array, key: jax.Array, tau: float | jax.Array,
                    kappa: float | jax.Array, *, n: int = 2, m: int = 4, axis: int = 0,
                    hard: bool = False) -> jax.Array:
-    """MaskLLM's differentiable training mask (METHODS.md 2; Fang et al. 2024, eq. 3-4).
+    """MaskLLM's differentiable training mask (docs/methods.md §2; Fang et al. 2024, eq. 3-4).
 
     Per group ``y = softmax((kappa * logits + g) / tau)`` with Gumbel noise ``g`` drawn
     from ``key``, and the mask is the mixture ``sum_i y_i * candidate_i``. ``logits``:
@@ -378,14 +380,14 @@ def linear_schedule(start: float, end: float, step: jax.Array | int, total: int
 
 
 def mvue24(g: jax.Array, key: jax.Array, axis: int = 0, eps: float = 1e-12) -> jax.Array:
-    """Unbiased 2:4 estimator of ``g`` along ``axis`` (METHODS.md section 1; Chmiel et al.).
+    """Unbiased 2:4 estimator of ``g`` along ``axis`` (docs/methods.md §1; Chmiel et al.).
 
     Per group of 4 with ``a_i = |g_i| + eps`` and ``S = sum a``: the first kept index is
     drawn with probability ``a_i / S``, the second from the other three proportionally to
     ``a``. Kept entries are divided by their inclusion probability
     ``p_i = a_i/S + sum_{j != i} (a_j/S) a_i / (S - a_j)``, so ``E[out] = g``; exactly two
-    entries per group are kept (the others are 0). Computed in float32, returned in the
-    dtype of ``g``.
+    entries per group are kept (the others are 0). Computed in float32 (float64 for a
+    float64 ``g``), returned in the dtype of ``g``.
 
     Layout: the four members of a group are handled as four ``(groups, rest)`` slices so
     that every operation is a wide elementwise one (no size-4 minor axis, no transposes when
@@ -393,11 +395,11 @@ def mvue24(g: jax.Array, key: jax.Array, axis: int = 0, eps: float = 1e-12) -> j
     """
     axis = check_nm(g.shape, 2, 4, axis)
     moved = jnp.moveaxis(g, axis, 0)
-    x = moved.reshape(moved.shape[0] // 4, 4, -1).astype(jnp.float32)
+    x = upcast(moved.reshape(moved.shape[0] // 4, 4, -1))
     xs = [x[:, k] for k in range(4)]  # four (G, R) slices
     a = [jnp.abs(v) + eps for v in xs]
     total = a[0] + a[1] + a[2] + a[3]
-    u1, u2 = jax.random.uniform(key, (2, *total.shape), jnp.float32)
+    u1, u2 = jax.random.uniform(key, (2, *total.shape), x.dtype)
 
     def draw(weights, target):
         # index i with cdf[i-1] <= target < cdf[i]; zero weights are skipped because their
