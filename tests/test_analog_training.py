@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,10 +111,7 @@ def test_identical_seeds_give_identical_noisy_runs_and_resume_bitwise(tiny_mlp, 
     assert run(tiny_mlp(*args, run_dir=tmp_path / "b"), verbose=False)["resumed_from"] == 10
     a, _, _ = load_model(tmp_path / "a")
     b, _, _ = load_model(tmp_path / "b")
-    leaves_a, leaves_b = jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))
-    assert len(leaves_a) == len(leaves_b)
-    for x, y in zip(leaves_a, leaves_b, strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(nnx.state(a), nnx.state(b))
 
 
 def test_bfloat16_analog_gpt_run_is_finite_and_learns(tiny_gpt):
