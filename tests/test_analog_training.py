@@ -99,6 +99,7 @@ def test_linear_analog_weights_replace_the_effective_weight():
         lin.set_analog_weights(jnp.zeros((4, 8)))
 
 
+@pytest.mark.slow
 def test_identical_seeds_give_identical_noisy_runs_and_resume_bitwise(tiny_mlp, tmp_path):
     args = (WEIGHT_NOISE, "train.steps=20", "checkpoint.every=10")
     ra = run(tiny_mlp(*args, run_dir=tmp_path / "a"), verbose=False)

@@ -24,7 +24,14 @@ def test_notebook_is_committed_without_outputs(path):
             assert cell.outputs == [] and cell.execution_count is None, path.name
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+# The default suite executes the one notebook that trains nothing (~6 s); the others train
+# models for 20-80 s each and run in `make test-all`.
+QUICK = {"02_sparsity_explorer.ipynb"}
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, id=p.name, marks=() if p.name in QUICK else pytest.mark.slow)
+    for p in NOTEBOOKS])
 def test_notebook_executes_without_errors(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=600, kernel_name="python3",

@@ -152,6 +152,7 @@ def test_zero_lambda_on_a_constant_block_is_finite_and_exact():
     assert np.all(np.isfinite(denoise_quant(jnp.zeros((128, 2)), 1, lam=0.0, affine=False)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("affine", [True, False])
 def test_ragged_blocks_equal_quantising_each_slice_alone(affine):
     """Pad-and-mask: a length of 300 in blocks of 128 is blocks [0:128], [128:256],

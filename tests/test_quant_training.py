@@ -64,13 +64,17 @@ def test_rules_configure_only_the_matched_layers(tiny_gpt):
     assert layer.act_lsq is not None and layer.weight_lsq is None
 
 
+SLOW = pytest.mark.slow  # one GPT run each: the default suite keeps one per method family
+
+
 @pytest.mark.parametrize("weights, activations, levels", [
     ("{method: dat, bits: 1}", "{method: dat, bits: 1}", 2),
-    ("{method: dat, bits: 4}", "{method: dat, bits: 4}", 16),
-    ("{method: dat, bits: 1.5, affine: false}", "{method: dat, bits: 4}", 3),
+    pytest.param("{method: dat, bits: 4}", "{method: dat, bits: 4}", 16, marks=SLOW),
+    pytest.param("{method: dat, bits: 1.5, affine: false}", "{method: dat, bits: 4}", 3,
+                 marks=SLOW),
     ("{method: absmax_ste, bits: 2}", "{method: absmax_ste, bits: 4}", 3),
-    ("{method: lsq, bits: 2}", "{method: lsq, bits: 4}", 4),
-    ("{method: fp8, fmt: e4m3}", "{method: fp8, fmt: e5m2}", 256),
+    pytest.param("{method: lsq, bits: 2}", "{method: lsq, bits: 4}", 4, marks=SLOW),
+    pytest.param("{method: fp8, fmt: e4m3}", "{method: fp8, fmt: e5m2}", 256, marks=SLOW),
 ])
 def test_quantised_training_runs_with_weights_on_the_grid(tiny_gpt, tmp_path, weights,
                                                           activations, levels):
@@ -129,6 +133,7 @@ def test_quant_diagnostics_reach_tensorboard(tiny_gpt, tmp_path):
         assert 0 < after < before
 
 
+@pytest.mark.slow
 def test_bfloat16_quantised_run_is_finite(tiny_gpt):
     results = run(tiny_gpt(quant_rule("{method: dat, bits: 4}", "{method: dat, bits: 4}"),
                            "model.dtype=bfloat16", "train.steps=10"), verbose=False)

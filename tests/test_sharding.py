@@ -124,6 +124,8 @@ def sharded(tmp_path_factory):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# The sharded runs (one module fixture, ~2.5 min on 2 cores) run in `make test-all`.
+@pytest.mark.slow
 @pytest.mark.parametrize("rules", ["dense", "sste"])
 @pytest.mark.parametrize("mesh", ["8,1,1", "2,4,1", "2,2,2"])
 def test_loss_after_20_steps_on_a_mesh_equals_the_single_device_run(sharded, rules, mesh):
@@ -132,6 +134,7 @@ def test_loss_after_20_steps_on_a_mesh_equals_the_single_device_run(sharded, rul
     np.testing.assert_allclose(sharded["loss"][f"{rules} {mesh}"], single, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rules", ["quant", "analog", "maskllm"])
 def test_quantised_analog_and_maskllm_rules_train_alike_on_a_2x2x2_mesh(sharded, rules):
     # Quantisation rounds: a last-bit difference in a block statistic (another reduction
@@ -143,6 +146,7 @@ def test_quantised_analog_and_maskllm_rules_train_alike_on_a_2x2x2_mesh(sharded,
     assert sharded["loss"][f"{rules} 1,1,1"] != sharded["loss"]["dense 1,1,1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["8to1", "1to4"])
 def test_checkpoint_restores_on_another_mesh_and_continues_identically(sharded, name):
     result = sharded[name]
@@ -157,6 +161,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_together_and_match_the_single_process_run(tmp_path, tiny_gpt):
     overrides = [*TINY_GPT, "train.steps=8", "checkpoint.every=4", "name=mp",
                  f"run_dir={tmp_path / 'multi'}"]

@@ -71,7 +71,8 @@ def test_dense_run_logs_no_sparsity_metrics(tiny_gpt, tmp_path):
     assert not [t for t in acc.Tags()["scalars"] if t.startswith("sparsity/")]
 
 
-@pytest.mark.parametrize("method, mvue", [("sste", True), ("maskllm", False)])
+@pytest.mark.parametrize("method, mvue", [
+    ("sste", True), pytest.param("maskllm", False, marks=pytest.mark.slow)])
 def test_resumed_stochastic_sparse_run_is_bitwise_identical(tiny_gpt, tmp_path, method, mvue):
     # MVUE draws and MaskLLM's Gumbel draws and schedules are keyed by checkpointed counters
     args = (rule(method, mvue=mvue), "train.steps=20", "checkpoint.every=10")

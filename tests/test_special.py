@@ -239,6 +239,7 @@ def test_kernel_lowers_for_gpu_and_tpu(platform):
     assert ("triton" in text) if platform == "cuda" else ("tpu_custom_call" in text)
 
 
+@pytest.mark.slow
 def test_reverse_mode_through_the_reflection_select_has_no_nan():
     # the negative-order branch is unused at v >= 0; its zero cotangent must not meet
     # log1p(-1) (regression: NaN second derivatives at v = 4095, x = 2048)

@@ -150,6 +150,7 @@ def _committed_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_is_bitwise_identical(tmp_path):
     steps = 400
     env = {**os.environ, "PYTHONPATH": str(REPO)}
