@@ -17,12 +17,14 @@ bound are in those units. The PCM model works in microsiemens (uS) and seconds.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from sparsejax.dtypes import upcast
+from sparsejax.estimators import straight_through
 
 __all__ = ["AIHWKIT_TIMES", "NOISE_KINDS", "AnalogSpec", "PCMNoiseModel", "ProgrammedWeights",
            "adc", "analog_matmul", "activation_noise", "clip_weights_gaussian", "dac",
@@ -101,11 +103,6 @@ class AnalogSpec:
 # --------------------------------------------------------------------------- training noise
 
 
-def _straight_through(clean: jax.Array, modified: jax.Array) -> jax.Array:
-    """``modified`` in the forward, identity gradient to ``clean`` in the backward."""
-    return clean + jax.lax.stop_gradient(modified - clean)
-
-
 def weight_noise(w: jax.Array, key: jax.Array, std: float, kind: str = "add") -> jax.Array:
     """Noisy copy of ``w`` for one mini-batch (aihwkit weight modifiers, docs/methods.md §5).
 
@@ -125,7 +122,7 @@ def weight_noise(w: jax.Array, key: jax.Array, std: float, kind: str = "add") ->
         noisy = w32 * (1.0 + std * xi)
     else:
         raise ValueError(f"kind must be one of {NOISE_KINDS}, got {kind!r}")
-    return _straight_through(w, noisy.astype(w.dtype))
+    return straight_through(w, noisy.astype(w.dtype))
 
 
 def activation_noise(a: jax.Array, key: jax.Array, std: float, correlated: bool = False,
@@ -172,6 +169,8 @@ def clip_weights_gaussian(w: jax.Array, alpha: float = 2.5) -> jax.Array:
 
 
 def _levels(bits: int) -> int:
+    if isinstance(bits, bool) or bits != int(bits) or not 2 <= bits <= 24:
+        raise ValueError(f"bits={bits!r}: converter resolution must be an integer in [2, 24]")
     return 2 ** bits - 2  # aihwkit: 8 bits -> 254 steps across the full range
 
 
@@ -180,15 +179,17 @@ def dac(x: jax.Array, bits: int) -> jax.Array:
     2`` steps across the range; straight-through gradient inside the range."""
     step = 2.0 / _levels(bits)
     clipped = jnp.clip(x, -1.0, 1.0)
-    return _straight_through(clipped, jnp.round(clipped / step) * step)
+    return straight_through(clipped, jnp.round(clipped / step) * step)
 
 
 def adc(y: jax.Array, bits: int, bound: float) -> jax.Array:
     """Output ADC: ``y`` (normalised units) clipped to ``+-bound`` and rounded to ``2^bits
     - 2`` steps across ``[-bound, bound]``; straight-through gradient inside the range."""
+    if not bound > 0 or not math.isfinite(bound):  # also rejects NaN
+        raise ValueError(f"bound={bound!r}: the ADC range must be a finite number > 0")
     step = 2.0 * bound / _levels(bits)
     clipped = jnp.clip(y, -bound, bound)
-    return _straight_through(clipped, jnp.round(clipped / step) * step)
+    return straight_through(clipped, jnp.round(clipped / step) * step)
 
 
 def analog_matmul(x: jax.Array, w: jax.Array, spec: AnalogSpec, key: jax.Array | None

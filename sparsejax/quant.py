@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.dtypes import compute_dtype, upcast
+from sparsejax.estimators import straight_through
 from sparsejax.sparsity import ste
 
 __all__ = [
@@ -202,6 +203,11 @@ class _Layout:
 
 def _layout(x: jax.Array, block_size: int, axis: int) -> _Layout:
     _check_block_size(block_size)
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis={axis} is out of range for an array of shape {tuple(x.shape)}")
+    if x.size == 0:
+        raise ValueError(f"cannot quantise an empty array (shape {tuple(x.shape)}): blocks "
+                         "need at least one entry")
     axis = axis % x.ndim
     length = x.shape[axis]
     block = min(block_size, length)
@@ -236,7 +242,7 @@ def _quantize_blocks(xb: jax.Array, lay: _Layout, bits: float, affine: bool):
     f = (xb - b_f) / s_f
     rounded = jnp.sign(f) if (bits == 1 and not affine) else jnp.round(f)
     q_int = jnp.clip(rounded, lo, hi)
-    q = f + sg(q_int - f)
+    q = straight_through(f, q_int)  # exactly the grid integers, the gradient of f
     return q, q_int, s_f, b_f, rounded != q_int
 
 
@@ -389,11 +395,6 @@ def denoise_quant(x: jax.Array, bits: float, *, affine: bool = True, lam: float 
 # --------------------------------------------------------------------------- baselines
 
 
-def _straight_through(x: jax.Array, value: jax.Array) -> jax.Array:
-    """``value`` forward, identity gradient to ``x``."""
-    return x + sg(value - x)
-
-
 def _absmax(x: jax.Array, bits: float, block_size: int | None, axis: int):
     bits = check_bits(bits)
     x32 = upcast(x)
@@ -407,7 +408,7 @@ def _absmax(x: jax.Array, bits: float, block_size: int | None, axis: int):
     mse = jnp.mean(jnp.square(value - x32))
     stats = {"mse_naive": mse, "mse": mse, "scale": jnp.mean(s_f),
              "clip_frac": jnp.mean(lay.from_blocks(clipped.astype(x32.dtype)))}
-    return _straight_through(x32, value).astype(x.dtype), jax.tree.map(sg, stats)
+    return straight_through(x32, value).astype(x.dtype), jax.tree.map(sg, stats)
 
 
 def absmax_ste(x: jax.Array, bits: float, *, block_size: int | None = 128,
@@ -435,9 +436,9 @@ def lsq(x: jax.Array, step: jax.Array, bits: float, *, grad_scale: float = 1.0) 
     ``1 / sqrt(N Q_p)``). Gradient to ``x``: 1 inside the clip range, 0 outside."""
     qn, qp = lsq_range(bits)
     step = upcast(step)
-    s = step * grad_scale + sg(step - step * grad_scale)  # value s, gradient * grad_scale
+    s = straight_through(step * grad_scale, step)  # value s, gradient * grad_scale
     v = jnp.clip(upcast(x) / s, -qn, qp)
-    return ((v + sg(jnp.round(v) - v)) * s).astype(x.dtype)
+    return (straight_through(v, jnp.round(v)) * s).astype(x.dtype)
 
 
 def _lsq_stats(x: jax.Array, step: jax.Array, bits: float, grad_scale: float):
@@ -456,7 +457,7 @@ def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
     """``round(x + u)``, ``u ~ U(-0.5, 0.5)``: unbiased (``E = x``), identity gradient."""
     x32 = upcast(x)
     u = jax.random.uniform(key, x.shape, x32.dtype, -0.5, 0.5)
-    return _straight_through(x, jnp.round(x32 + u).astype(x.dtype))
+    return straight_through(x, jnp.round(x32 + u).astype(x.dtype))
 
 
 def fp8(x: jax.Array, fmt: str = "e4m3") -> jax.Array:
@@ -475,7 +476,7 @@ def fp8(x: jax.Array, fmt: str = "e4m3") -> jax.Array:
 
 def fp8_ste(x: jax.Array, fmt: str = "e4m3") -> jax.Array:
     """:func:`fp8` forward, identity gradient."""
-    return _straight_through(x, fp8(x, fmt))
+    return straight_through(x, fp8(x, fmt))
 
 
 # --------------------------------------------------------------------------- specs

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.dtypes import upcast
+from sparsejax.estimators import straight_through
 
 __all__ = [
     "KERNELS",
@@ -322,7 +323,7 @@ def gumbel_nm_mask(logits: jax.Array, key: jax.Array, tau: float | jax.Array,
     probs = jax.nn.softmax((kappa * logits + noise) / tau, axis=-1)
     if hard:
         one_hot = jax.nn.one_hot(jnp.argmax(probs, -1), probs.shape[-1], dtype=probs.dtype)
-        probs = probs + jax.lax.stop_gradient(one_hot - probs)
+        probs = straight_through(probs, one_hot)
     return _mask_from_probs(probs, n, m, axis)
 
 

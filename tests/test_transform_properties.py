@@ -168,3 +168,16 @@ class TransformsUnderJitTest(chex.TestCase):
         self._check(lambda w: analog.weight_noise(w, KEY, 0.1, "mult"), W)
         model = analog.PCMNoiseModel()
         self._check(lambda w: model.read(model.program(w, KEY), 86400.0, KEY), W)
+
+
+def test_straight_through_is_exact_forward_and_identity_backward():
+    from sparsejax.estimators import straight_through
+
+    x = jnp.array([5.0, -1.0, 0.3], jnp.float32)
+    value = jnp.array([1.1, -1.1, 0.0], jnp.float32)
+    assert (x + jax.lax.stop_gradient(value - x))[0] != value[0]  # the usual form is off
+    np.testing.assert_array_equal(straight_through(x, value), value)
+    grad = jax.grad(lambda v: jnp.sum(straight_through(v, jnp.round(v)) * jnp.arange(3.0)))(x)
+    np.testing.assert_array_equal(grad, [0.0, 1.0, 2.0])
+    tangent = jax.jvp(lambda v: straight_through(v, v ** 2), (x,), (jnp.ones(3),))[1]
+    np.testing.assert_array_equal(tangent, np.ones(3))
