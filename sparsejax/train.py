@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,12 +304,7 @@ def load_model(run_dir: str | Path, step: int | None = None) -> tuple[nnx.Module
         tx, _ = build_optimizer(cfg, model)
         target = TrainState(params, rest, tx.init(params),
                             jax.random.key_data(jax.random.key(0))).as_dict()
-        try:
-            state, _ = ckpt.restore(step, target)
-        except Exception as err:  # Orbax / TensorStore errors on a damaged checkpoint
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"cannot restore {run_dir} (step {step}): {first[:200]}"
-                                  ) from None
+        state, _ = ckpt.restore(step, target)  # CheckpointError when unreadable or corrupt
     finally:
         ckpt.close()
     return nnx.merge(graphdef, state["params"], state["rest"]), cfg, step
@@ -361,6 +358,32 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def restore_newest_intact(ckpt: Checkpointer, target: dict[str, Any],
+                          say: Callable[[str], None] | None
+                          ) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """Restore the newest checkpoint that reads back intact (fingerprints match, data
+    position consistent); ``(state, meta, step)``. Newer corrupt or unreadable ones are set
+    aside (renamed ``<step>.corrupt``, never deleted; by process 0, which ``say``s one line
+    each). Raises :class:`CheckpointError` when none is intact, renaming nothing."""
+    failures: list[tuple[int, CheckpointError]] = []
+    for step in reversed(ckpt.all_steps()):
+        try:
+            state, meta = ckpt.restore(step, target)
+            if meta.get("data_position") != step:
+                raise CheckpointError(f"checkpoint {ckpt.step_path(step)} is corrupt: it "
+                                      f"records data position {meta.get('data_position')}")
+        except CheckpointError as err:
+            failures.append((step, err))
+            continue
+        for bad, err in failures:
+            if say is not None:
+                moved = ckpt.set_aside(bad)
+                say(f"sparsejax: {err}; set aside as {moved.name}, resuming from step {step}")
+        return state, meta, step
+    raise CheckpointError(f"no intact checkpoint in {ckpt.directory} "
+                          f"({len(failures)} tried; newest: {failures[0][1]})")
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -408,18 +431,17 @@ def _train_on_mesh(cfg: Config, run_dir: Path, resuming: bool, task: Task,
         multihost_utils.sync_global_devices("sparsejax: run dir checked")
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
-    start = ckpt.latest_step() or 0
+    start = 0
     prior_seconds = 0.0  # step-loop time of earlier sessions of this run
-    if start:  # restored onto this run's mesh, whatever mesh saved it
-        restored, meta = ckpt.restore(start, state.as_dict())
+    if ckpt.all_steps():  # restored onto this run's mesh, whatever mesh saved it
+        say = (lambda line: print(line, file=sys.stderr, flush=True)) if lead else None
+        restored, meta, start = restore_newest_intact(ckpt, state.as_dict(), say)
         state = TrainState(**restored)
-        if meta["data_position"] != start:
-            raise RunDirError(f"checkpoint {start} records data position "
-                              f"{meta['data_position']}; the checkpoint is inconsistent")
         prior_seconds = float(meta.get("loop_seconds", 0.0))
+    if lead:  # after the restore: a run with no intact checkpoint is left as it was
+        _write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     total = cfg.train.steps
     mode = cfg.logging.progress if verbose and lead else "none"
     progress = Progress(total, start, mode=mode)
@@ -554,8 +576,23 @@ def _train_on_mesh(cfg: Config, run_dir: Path, resuming: bool, task: Task,
         "loop_seconds": loop_seconds,
         "compile_seconds": compile_seconds,
     }
+    bad = {k: v for k, v in val.items() if not math.isfinite(v)}
+    if bad:  # e.g. a checkpoint that restored without error but holds garbage
+        raise NonFiniteLossError(f"evaluation of {run_dir} at step {total} gave non-finite "
+                                 f"{', '.join(f'val_{k}={v}' for k, v in bad.items())}; "
+                                 "results.json left as it was")
+    results_file = run_dir / "results.json"
+    if start >= total and results_file.is_file():
+        # A finished run re-evaluated has no training numbers of its own (loss, throughput,
+        # compile time): keep the ones the run wrote, refresh what this evaluation measured.
+        try:
+            earlier = json.loads(results_file.read_text())
+        except (OSError, ValueError):
+            earlier = {}
+        results = {**results, **earlier, "resumed_from": start,
+                   **{k: v for k, v in results.items() if k.startswith("val_")}}
     if lead:
-        _write_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        _write_atomic(results_file, json.dumps(results, indent=2) + "\n")
     if verbose and lead:
         print(format_table([(k, v) for k, v in results.items() if v is not None],
                            title=f"results: {cfg.name}"), flush=True)
