@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,7 +309,7 @@ def _describe(err: oc_errors.OmegaConfBaseException, origin: str) -> str:
     if isinstance(err, oc_errors.ConfigKeyError | oc_errors.ConfigAttributeError):
         return f"unknown key '{key}' in {origin}{_close_matches(key)}"
     if isinstance(err, oc_errors.ValidationError):
-        msg = str(err.msg if hasattr(err, "msg") else err).splitlines()[0]
+        msg = str(getattr(err, "msg", None) or err).splitlines()[0]
         return f"bad value for '{key}' in {origin}: {msg}"
     if isinstance(err, oc_errors.MissingMandatoryValue):
         return f"missing value for '{key}' in {origin}"
@@ -347,6 +348,17 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], origin: str = "overri
     return cfg
 
 
+def _check_sections(loaded: DictConfig, origin: str) -> None:
+    """A section of the schema (``model``, ``data``, ...) given as something other than a
+    mapping is named here: OmegaConf's own merge error carries no key."""
+    sections = {f.name for f in dataclasses.fields(Config) if str(f.type).endswith("Config")}
+    for key in sections & set(loaded.keys()):
+        value = loaded._get_node(key)._value()
+        if value is not None and not isinstance(value, DictConfig | dict):
+            raise ConfigError(f"bad value for '{key}' in {origin}: expected a mapping of "
+                              f"{key}.* keys, got {type(value).__name__} {value!r}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a validated :class:`Config` from an optional YAML file plus overrides.
 
@@ -365,6 +377,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: top level must be a mapping of keys, got a list")
         if "name" not in loaded:
             loaded.name = path.stem
+        _check_sections(loaded, str(path))
         try:
             schema = OmegaConf.merge(schema, loaded)
         except oc_errors.OmegaConfBaseException as err:
@@ -417,6 +430,17 @@ def config_diff(a: Config, b: Config) -> list[str]:
 # --------------------------------------------------------------------------- validation
 
 
+def _float_fields(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """``(dotted key, value)`` of every float in a config (rules included)."""
+    if dataclasses.is_dataclass(node):
+        return [pair for f in dataclasses.fields(node)
+                for pair in _float_fields(getattr(node, f.name), f"{prefix}{f.name}.")]
+    if isinstance(node, list | tuple):
+        return [pair for i, item in enumerate(node)
+                for pair in _float_fields(item, f"{prefix}{i}.")]
+    return [(prefix[:-1], node)] if isinstance(node, float) else []
+
+
 def _require(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"bad value for '{key}': {msg}")
@@ -427,6 +451,12 @@ def validate(cfg: Config) -> None:
     m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
     _require(bool(re.fullmatch(r"[\w.\-=,/+]+", cfg.name)), "name",
              f"'{cfg.name}' must be letters, digits and . _ - = , / + only")
+    # the run directory is runs/<name> unless run_dir is set: a name may nest (sweeps use
+    # <name>/<variant>) but never climb out of runs/
+    _require(all(part not in ("", ".", "..") for part in cfg.name.split("/")), "name",
+             f"'{cfg.name}' must stay inside runs/: no empty, '.' or '..' path components")
+    for key, value in _float_fields(cfg):
+        _require(math.isfinite(value), key, f"must be a finite number, got {value}")
     for key, value in [("model.block_size", m.block_size), ("model.n_layer", m.n_layer),
                        ("model.n_head", m.n_head), ("model.n_embd", m.n_embd),
                        ("model.vocab_size", m.vocab_size), ("model.mlp_ratio", m.mlp_ratio),
