@@ -115,6 +115,7 @@ def test_identical_seeds_give_identical_noisy_runs_and_resume_bitwise(tiny_mlp, 
     chex.assert_trees_all_equal(nnx.state(a), nnx.state(b))
 
 
+@pytest.mark.slow
 def test_bfloat16_analog_gpt_run_is_finite_and_learns(tiny_gpt):
     results = run(tiny_gpt(GPT_ANALOG, "model.dtype=bfloat16", "train.steps=30"),
                   verbose=False)
@@ -158,6 +159,7 @@ def test_evaluate_analog_writes_the_table_and_tensorboard(trained_mlp, tmp_path)
     assert steps == [60, 86400, 31536000]
 
 
+@pytest.mark.slow
 def test_evaluate_analog_is_reproducible_and_seed_dependent(trained_mlp):
     from sparsejax.analog_eval import evaluate_analog
 

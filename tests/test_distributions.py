@@ -60,6 +60,7 @@ def test_samples_are_unit_vectors_with_the_mean_resultant_length(d, kappa):
     assert float(np.linalg.norm(resid)) < 5 * math.sqrt((1 - a * a) / n) + 1e-12
 
 
+@pytest.mark.slow
 def test_large_dimension_and_concentration_stay_finite_with_gradients():
     with jax.enable_x64(True):
         mu = _unit(jax.random.key(3), 32768)

@@ -215,6 +215,7 @@ def test_optimizer_gives_logits_their_learning_rate_and_no_weight_decay():
     np.testing.assert_allclose(updates["mask_logits"][...], -1e-2, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_mask_only_run_from_a_dense_checkpoint(tiny_gpt, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

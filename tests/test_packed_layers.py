@@ -27,6 +27,7 @@ def rule(method: str = "sste", kernel: str = "xla", n: int = 2, m: int = 4) -> s
             f"kernel: {kernel}}}}}]")
 
 
+@pytest.mark.slow
 def test_pallas_kernel_training_matches_the_masked_dense_path(tiny_gpt, tmp_path):
     losses = {}
     for kernel in ("xla", "pallas"):

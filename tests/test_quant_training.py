@@ -64,7 +64,7 @@ def test_rules_configure_only_the_matched_layers(tiny_gpt):
     assert layer.act_lsq is not None and layer.weight_lsq is None
 
 
-SLOW = pytest.mark.slow  # one GPT run each: the default suite keeps one per method family
+SLOW = pytest.mark.slow  # one GPT run each: the default suite keeps DAT
 
 
 @pytest.mark.parametrize("weights, activations, levels", [
@@ -72,7 +72,8 @@ SLOW = pytest.mark.slow  # one GPT run each: the default suite keeps one per met
     pytest.param("{method: dat, bits: 4}", "{method: dat, bits: 4}", 16, marks=SLOW),
     pytest.param("{method: dat, bits: 1.5, affine: false}", "{method: dat, bits: 4}", 3,
                  marks=SLOW),
-    ("{method: absmax_ste, bits: 2}", "{method: absmax_ste, bits: 4}", 3),
+    pytest.param("{method: absmax_ste, bits: 2}", "{method: absmax_ste, bits: 4}", 3,
+                 marks=SLOW),
     pytest.param("{method: lsq, bits: 2}", "{method: lsq, bits: 4}", 4, marks=SLOW),
     pytest.param("{method: fp8, fmt: e4m3}", "{method: fp8, fmt: e5m2}", 256, marks=SLOW),
 ])
@@ -92,6 +93,7 @@ def test_quantised_training_runs_with_weights_on_the_grid(tiny_gpt, tmp_path, we
         assert not np.allclose(w, layer.kernel[...]), path
 
 
+@pytest.mark.slow
 def test_lsq_steps_are_trained(tiny_gpt, tmp_path):
     cfg = tiny_gpt(quant_rule("{method: lsq, bits: 2}", "{method: lsq, bits: 4}"),
                    "train.steps=10")
@@ -103,6 +105,7 @@ def test_lsq_steps_are_trained(tiny_gpt, tmp_path):
         assert float(layer.act_lsq.step[...]) != float(before[path].act_lsq.step[...])
 
 
+@pytest.mark.slow
 def test_sparse_then_quantised_layer_keeps_its_pruned_zeros(tiny_gpt, tmp_path):
     rule = quant_rule("{method: dat, bits: 4, affine: false}", "{method: dat, bits: 4}",
                       sparsity="{method: ste}", path="blocks/\\d+/mlp/(fc|proj)")

@@ -22,8 +22,10 @@ def rule(method="sste", n=2, m=4, mvue=False):
 
 
 @pytest.mark.parametrize("method, n, m, mvue", [
-    ("sste", 2, 4, False), ("sste", 2, 4, True), ("ste", 2, 4, False),
-    ("sr_ste", 2, 4, False), ("sste", 1, 4, False), ("sste", 4, 8, False)])
+    ("sste", 2, 4, False), pytest.param("sste", 2, 4, True, marks=pytest.mark.slow),
+    ("ste", 2, 4, False), ("sr_ste", 2, 4, False),
+    pytest.param("sste", 1, 4, False, marks=pytest.mark.slow),
+    pytest.param("sste", 4, 8, False, marks=pytest.mark.slow)])
 def test_sparse_training_keeps_exactly_n_per_group(tiny_gpt, tmp_path, method, n, m, mvue):
     cfg = tiny_gpt(rule(method, n, m, mvue), "train.steps=20")
     results = run(cfg, verbose=False)
@@ -72,7 +74,8 @@ def test_dense_run_logs_no_sparsity_metrics(tiny_gpt, tmp_path):
 
 
 @pytest.mark.parametrize("method, mvue", [
-    ("sste", True), pytest.param("maskllm", False, marks=pytest.mark.slow)])
+    pytest.param("sste", True, marks=pytest.mark.slow),
+    pytest.param("maskllm", False, marks=pytest.mark.slow)])
 def test_resumed_stochastic_sparse_run_is_bitwise_identical(tiny_gpt, tmp_path, method, mvue):
     # MVUE draws and MaskLLM's Gumbel draws and schedules are keyed by checkpointed counters
     args = (rule(method, mvue=mvue), "train.steps=20", "checkpoint.every=10")

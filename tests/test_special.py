@@ -168,7 +168,9 @@ GRAD_POINTS = [(0.5, 3.0), (7.0, 20.0), (13.5, 12.0), (80.0, 250.0), (0.3, 5000.
                (2.5, 1e-3), (-2.3, 3.0), (1200.0, 1000.0)]
 
 
-@pytest.mark.parametrize("name", ["log_iv", "log_kv", "log_ive", "log_kve"])
+@pytest.mark.parametrize("name", [  # the scaled forms share the code paths: slow
+    "log_iv", "log_kv", pytest.param("log_ive", marks=pytest.mark.slow),
+    pytest.param("log_kve", marks=pytest.mark.slow)])
 def test_derivatives_in_both_arguments_match_finite_differences(name):
     f = {"log_iv": log_iv, "log_kv": log_kv, "log_ive": log_ive, "log_kve": log_kve}[name]
     with jax.enable_x64(True):
@@ -208,8 +210,8 @@ KERNEL_POINTS = (np.array([0.0, 0.5, 7.0, 13.5, 80.0, -2.3, 3.0, 1e4, 0.2]),
 
 
 @pytest.mark.parametrize("dtype, kind, scaled", [
-    (jnp.float32, "i", False), (jnp.float64, "i", True), (jnp.float64, "k", False),
-    (jnp.float32, "k", True)])
+    (jnp.float32, "i", False), pytest.param(jnp.float64, "i", True, marks=pytest.mark.slow),
+    (jnp.float64, "k", False), pytest.param(jnp.float32, "k", True, marks=pytest.mark.slow)])
 def test_pallas_kernel_matches_its_reference(dtype, kind, scaled):
     with jax.enable_x64(dtype == jnp.float64):
         v = jnp.asarray(np.tile(KERNEL_POINTS[0], 130), dtype)  # 1170 points: 2 blocks

@@ -17,7 +17,7 @@ from sparsejax import analog, quant, sparsity
 PATTERNS = [(1, 4), (2, 4), (3, 4), (2, 8), (4, 8)]
 # Shapes are drawn from a few sizes so that jit traces stay few; values are any finite
 # float32 (ties, zeros, huge and tiny magnitudes included).
-SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 FINITE = st.floats(-2.0 ** 100, 2.0 ** 100, allow_nan=False, allow_subnormal=False, width=32)
 
