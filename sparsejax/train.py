@@ -120,8 +120,10 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, params: nnx.State | N
     in the decayed group (weight decay 0.1 in its recipe); decay pulls every group back
     towards the uniform choice, against the tau/kappa annealing, so we leave it out.
     Returns ``(optimizer, schedule of the base learning rate)``."""
+    # A warm-up longer than the run (train.steps=20 on a config made for 600) is cut to
+    # the run, so that a short smoke run of any config works.
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=min(cfg.warmup_steps, total_steps - 1),
         decay_steps=total_steps, end_value=cfg.lr * cfg.min_lr_ratio)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,

@@ -208,3 +208,13 @@ def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
     assert meta["step"] == 5 and set(meta) == {"step", "fingerprints"}
     ckpt.close()
     assert sorted(os.listdir(tmp_path / "ck")) == ["5"]  # the partial save was cleaned up
+
+
+def test_warmup_longer_than_the_run_is_cut_to_the_run():
+    from sparsejax.config import OptimizerConfig
+    from sparsejax.train import make_optimizer
+
+    _, schedule = make_optimizer(OptimizerConfig(lr=1e-3, warmup_steps=50), total_steps=20)
+    lrs = [float(schedule(s)) for s in range(20)]
+    assert lrs[0] == 0.0 and all(np.isfinite(lrs))
+    assert max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 19
