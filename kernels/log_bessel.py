@@ -280,10 +280,13 @@ def _series_i(v, x, scaled: bool):
     q = 0.25 * x * x
 
     def backward_step(j, total):  # k = SERIES_TERMS - 1 - j, ..., 1 (a loop keeps the
-        k = (SERIES_TERMS - 1 - j).astype(x.dtype)  # graph small: fast compiles)
+        k = (jnp.int32(SERIES_TERMS - 1) - j).astype(x.dtype)  # graph small: fast compiles)
         return 1.0 + total * q / (k * (k + v))
 
-    total = jax.lax.fori_loop(0, SERIES_TERMS - 1, backward_step, jnp.ones_like(x))
+    # int32 loop bounds: under jax_enable_x64 Python ints become int64, which Mosaic (TPU)
+    # cannot mix with the int32 loop arithmetic
+    total = jax.lax.fori_loop(jnp.int32(0), jnp.int32(SERIES_TERMS - 1), backward_step,
+                              jnp.ones_like(x))
     value = _log_power_over_gamma(v, x) + jnp.log(total)
     return value - x if scaled else value
 
@@ -335,7 +338,7 @@ def _temme_k(mu, x):
         q = q / (i + mu)
         return f, p, q, c, total + c * f, total_1 + c * (p - i * f)
 
-    *_, total, total_1 = jax.lax.fori_loop(1, TEMME_TERMS, term,
+    *_, total, total_1 = jax.lax.fori_loop(jnp.int32(1), jnp.int32(TEMME_TERMS), term,
                                            (f, p, q, jnp.ones_like(x), f, p))
     return jnp.log(total), total_1 / total
 
@@ -368,7 +371,7 @@ def _steed_k(mu, x):
     q = a1 * jnp.ones_like(x)
     init = (a, b, d, h, delta_h, jnp.zeros_like(x), q, q, 1.0 + q * delta_h)
     _, _, _, h, _, _, _, _, s = jax.lax.fori_loop(
-        1, STEED_TERMS[jnp.dtype(x.dtype).name], step, init)
+        jnp.int32(1), jnp.int32(STEED_TERMS[jnp.dtype(x.dtype).name]), step, init)
     h = a1 * h
     log_k_scaled = 0.5 * (math.log(math.pi / 2) - jnp.log(x)) - jnp.log(s)
     return log_k_scaled, 0.5 * (mu + x + 0.5 - h)
