@@ -80,6 +80,31 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN/Inf; the run stopped."""
 
 
+class OutOfMemoryError(ConfigError):
+    """The model or its compiled step does not fit in the device's memory; the message is
+    one line with the parameter count and, once compiled, the step's memory estimate."""
+
+    kind = "out of memory"
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)
+
+
+def out_of_memory_message(cfg: Config, err: BaseException, stage: str,
+                          step_bytes: int | None = None) -> str:
+    """One line: what ran out (``stage``), the model's size from an abstract build (no
+    memory used), the compiled step's estimate when known, and XLA's own first line."""
+    abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(params=0)))
+    n = count_params(nnx.state(abstract, nnx.Param))
+    estimate = (f"; the compiled train step needs {step_bytes / 2**30:.2f} GiB"
+                if step_bytes else "")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"{stage} ran out of memory: the model has {n:,} parameters ({n * 4 / 2**30:.2f} "
+            f"GiB in float32, {n * 16 / 2**30:.2f} GiB with AdamW's moments and gradients)"
+            f"{estimate}; {first[:160]}")
+
+
 class RunDirError(ConfigError):
     """The run directory holds something this run must not overwrite."""
 
@@ -408,16 +433,31 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
     checkpoints = run_dir / "checkpoints"
     has_checkpoint = resuming and checkpoints.is_dir() and any(
         p.name.isdigit() for p in checkpoints.iterdir())
-    model = init_model(cfg, load_init=not has_checkpoint)
+    try:
+        model = init_model(cfg, load_init=not has_checkpoint)
+    except Exception as err:
+        if not _is_out_of_memory(err):
+            raise
+        raise OutOfMemoryError(out_of_memory_message(cfg, err, "building the model")) from None
     mesh = make_mesh(cfg.mesh)
     check_transform_sharding(model, mesh)
     with jax.set_mesh(mesh):  # models pin their activations to this mesh (shard_batch)
-        return _train_on_mesh(cfg, run_dir, resuming, task, model, mesh, verbose)
+        step_bytes: list[int] = []  # the compiled step's estimate, once known
+        try:
+            return _train_on_mesh(cfg, run_dir, resuming, task, model, mesh, verbose,
+                                  step_bytes)
+        except Exception as err:
+            if not _is_out_of_memory(err):
+                raise
+            raise OutOfMemoryError(out_of_memory_message(
+                cfg, err, "training", step_bytes[0] if step_bytes else None)) from None
 
 
 def _train_on_mesh(cfg: Config, run_dir: Path, resuming: bool, task: Task,
-                   model: nnx.Module, mesh: Mesh, verbose: bool) -> dict[str, Any]:
-    """The body of :func:`run` once the run dir is checked and the mesh is built."""
+                   model: nnx.Module, mesh: Mesh, verbose: bool,
+                   step_bytes: list[int]) -> dict[str, Any]:
+    """The body of :func:`run` once the run dir is checked and the mesh is built; appends
+    the compiled step's memory estimate (bytes) to ``step_bytes``."""
     freeze_weights, _ = mask_training_options(model)
     tx, schedule = build_optimizer(cfg, model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -483,6 +523,10 @@ def _train_on_mesh(cfg: Config, run_dir: Path, resuming: bool, task: Task,
         step_args = (state.params, state.rest, state.opt_state, state.rng,
                      batch_of(start), np.int32(start))
         train_step = train_step.lower(*step_args).compile()
+        memory = train_step.memory_analysis()
+        if memory is not None:
+            step_bytes.append(int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                                  + memory.output_size_in_bytes))
     compile_seconds = time.perf_counter() - t0
 
     pending: list[tuple[int, dict[str, jax.Array]]] = []

@@ -6,6 +6,7 @@ leaves every good file as it was."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -187,3 +188,18 @@ def test_hostile_configs_are_one_line_naming_the_key(yaml_text, needle, tmp_path
 def test_api_misuse_raises_value_error_naming_the_argument(call, needle):
     with pytest.raises(ValueError, match=needle):
         call()
+
+
+def test_a_model_too_large_for_memory_is_one_line_with_its_size(tmp_path, monkeypatch, capsys):
+    """A 206e9-parameter GPT: the first 64 GiB allocation fails at once (no memory is
+    touched); the error is one line with the parameter count, exit 2, nothing written."""
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", str(REPO / "configs" / "gpt_tiny.yaml"), "model.n_embd=131072",
+            "model.n_head=1", "model.n_layer=1", "logging.progress=none"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparsejax: out of memory: ") and "206,210,727,936 parameters" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert os.listdir(tmp_path) == []
