@@ -16,12 +16,13 @@ restarted from its latest checkpoint - after ``kill -9`` too - ends bitwise iden
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,16 @@ class OutOfMemoryError(ConfigError):
     kind = "out of memory"
 
 
-def _is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)
+@contextlib.contextmanager
+def _out_of_memory_in_one_line(cfg: Config, stage: str, step_bytes: Sequence[int] = ()):
+    """Turn an allocation failure inside the block into :class:`OutOfMemoryError`."""
+    try:
+        yield
+    except Exception as err:
+        if not (isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)):
+            raise
+        raise OutOfMemoryError(out_of_memory_message(
+            cfg, err, stage, step_bytes[0] if step_bytes else None)) from None
 
 
 def out_of_memory_message(cfg: Config, err: BaseException, stage: str,
@@ -433,24 +442,15 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
     checkpoints = run_dir / "checkpoints"
     has_checkpoint = resuming and checkpoints.is_dir() and any(
         p.name.isdigit() for p in checkpoints.iterdir())
-    try:
+    with _out_of_memory_in_one_line(cfg, "building the model"):
         model = init_model(cfg, load_init=not has_checkpoint)
-    except Exception as err:
-        if not _is_out_of_memory(err):
-            raise
-        raise OutOfMemoryError(out_of_memory_message(cfg, err, "building the model")) from None
     mesh = make_mesh(cfg.mesh)
     check_transform_sharding(model, mesh)
     with jax.set_mesh(mesh):  # models pin their activations to this mesh (shard_batch)
         step_bytes: list[int] = []  # the compiled step's estimate, once known
-        try:
+        with _out_of_memory_in_one_line(cfg, "training", step_bytes):
             return _train_on_mesh(cfg, run_dir, resuming, task, model, mesh, verbose,
                                   step_bytes)
-        except Exception as err:
-            if not _is_out_of_memory(err):
-                raise
-            raise OutOfMemoryError(out_of_memory_message(
-                cfg, err, "training", step_bytes[0] if step_bytes else None)) from None
 
 
 def _train_on_mesh(cfg: Config, run_dir: Path, resuming: bool, task: Task,
