@@ -279,14 +279,15 @@ def _series_i(v, x, scaled: bool):
     """``log I_v(x)`` from the power series (DLMF 10.25.2), ``SERIES_TERMS`` terms."""
     q = 0.25 * x * x
 
-    def backward_step(j, total):  # k = SERIES_TERMS - 1 - j, ..., 1 (a loop keeps the
-        k = (jnp.int32(SERIES_TERMS - 1) - j).astype(x.dtype)  # graph small: fast compiles)
-        return 1.0 + total * q / (k * (k + v))
+    # k = SERIES_TERMS - 1, ..., 1 (a loop keeps the graph small: fast compiles). The loops
+    # here carry their counters as floats and leave the loop index alone: under
+    # jax_enable_x64 the index is int64, whose arithmetic Mosaic (TPU) cannot lower.
+    def backward_step(_, carry):
+        total, k = carry
+        return 1.0 + total * q / (k * (k + v)), k - 1.0
 
-    # int32 loop bounds: under jax_enable_x64 Python ints become int64, which Mosaic (TPU)
-    # cannot mix with the int32 loop arithmetic
-    total = jax.lax.fori_loop(jnp.int32(0), jnp.int32(SERIES_TERMS - 1), backward_step,
-                              jnp.ones_like(x))
+    total, _ = jax.lax.fori_loop(0, SERIES_TERMS - 1, backward_step,
+                                 (jnp.ones_like(x), jnp.full_like(x, SERIES_TERMS - 1)))
     value = _log_power_over_gamma(v, x) + jnp.log(total)
     return value - x if scaled else value
 
@@ -329,17 +330,16 @@ def _temme_k(mu, x):
     q = 0.5 * exp_minus_e / recip_gamma_minus  # (x/2)^mu Gamma(1-mu) / 2
     quarter_x2 = half * half
 
-    def term(i, carry):  # a loop, not unrolled: the graph stays small under jvp / grad
-        f, p, q, c, total, total_1 = carry
-        i = i.astype(x.dtype)
+    def term(_, carry):  # a loop, not unrolled: the graph stays small under jvp / grad
+        f, p, q, c, total, total_1, i = carry  # i = 1, 2, ... as a float (see _series_i)
         f = (i * f + p + q) / ((i - mu) * (i + mu))
         c = c * quarter_x2 / i
         p = p / (i - mu)
         q = q / (i + mu)
-        return f, p, q, c, total + c * f, total_1 + c * (p - i * f)
+        return f, p, q, c, total + c * f, total_1 + c * (p - i * f), i + 1.0
 
-    *_, total, total_1 = jax.lax.fori_loop(jnp.int32(1), jnp.int32(TEMME_TERMS), term,
-                                           (f, p, q, jnp.ones_like(x), f, p))
+    *_, total, total_1, _ = jax.lax.fori_loop(
+        1, TEMME_TERMS, term, (f, p, q, jnp.ones_like(x), f, p, jnp.ones_like(x)))
     return jnp.log(total), total_1 / total
 
 
@@ -356,9 +356,8 @@ def _steed_k(mu, x):
     a1 = 0.25 - mu * mu
     a = -a1 * jnp.ones_like(x)
 
-    def step(i, carry):
-        a, b, d, h, delta_h, u1, u2, q, s = carry
-        i = i.astype(x.dtype)
+    def step(_, carry):
+        a, b, d, h, delta_h, u1, u2, q, s, i = carry  # i = 1, 2, ... as a float
         a = a - 2.0 * i
         increment = (b * u2 - u1) / (i + 1.0)  # c_i q_{i+1}
         u1, u2 = -a * u2 / (i + 1.0), increment
@@ -366,12 +365,12 @@ def _steed_k(mu, x):
         b = b + 2.0
         d = 1.0 / (b + a * d)
         delta_h = (b * d - 1.0) * delta_h
-        return a, b, d, h + delta_h, delta_h, u1, u2, q, s + q * delta_h
+        return a, b, d, h + delta_h, delta_h, u1, u2, q, s + q * delta_h, i + 1.0
 
     q = a1 * jnp.ones_like(x)
-    init = (a, b, d, h, delta_h, jnp.zeros_like(x), q, q, 1.0 + q * delta_h)
-    _, _, _, h, _, _, _, _, s = jax.lax.fori_loop(
-        jnp.int32(1), jnp.int32(STEED_TERMS[jnp.dtype(x.dtype).name]), step, init)
+    init = (a, b, d, h, delta_h, jnp.zeros_like(x), q, q, 1.0 + q * delta_h, jnp.ones_like(x))
+    _, _, _, h, _, _, _, _, s, _ = jax.lax.fori_loop(
+        1, STEED_TERMS[jnp.dtype(x.dtype).name], step, init)
     h = a1 * h
     log_k_scaled = 0.5 * (math.log(math.pi / 2) - jnp.log(x)) - jnp.log(s)
     return log_k_scaled, 0.5 * (mu + x + 0.5 - h)
