@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sparsejax.config import load_config  # noqa: E402
-from sparsejax.nn import mask_training_options  # noqa: E402
 from sparsejax.sharding import (  # noqa: E402
+    logical_axes,
     make_mesh,
     process_rows,
     put_batch,
@@ -77,7 +77,7 @@ def hlo_collectives(hlo: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def expected(cfg, params, mesh) -> dict[str, tuple[int, int]]:
+def expected(cfg, params, mesh, axes) -> dict[str, tuple[int, int]]:
     """First-order ``{op: (count, bytes)}`` the sharding plan needs (module docstring)."""
     d, f, t = (mesh.shape[a] for a in ("data", "fsdp", "tensor"))
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -85,7 +85,7 @@ def expected(cfg, params, mesh) -> dict[str, tuple[int, int]]:
     for path, x in leaves:
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
                         for k in path).removesuffix("/value")
-        spec = spec_for(name, x.shape, mesh)
+        spec = spec_for(name, x.shape, mesh, axes)
         shards = int(np.prod([mesh.shape[a] for a in spec if a]))
         if d * f > 1:  # the gradient is reduced over the batch-split axes
             grad_count += 1
@@ -110,14 +110,15 @@ def compile_step(config: str, mesh_sizes: tuple[int, int, int], overrides: list[
     task = build_task(cfg)
     model = init_model(cfg)
     mesh = make_mesh(cfg.mesh)
-    tx, _ = build_optimizer(cfg, model)
+    tx, _, frozen = build_optimizer(cfg, model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     host = TrainState(params, rest, tx.init(params),
                       jax.random.key_data(jax.random.key(0))).as_dict()
-    shardings = state_shardings(host, mesh)
+    axes = logical_axes(model)
+    shardings = state_shardings(host, mesh, axes)
     state = put_state(host, shardings)
     step = jax.jit(make_train_step(graphdef, task, tx, use_dropout=False,
-                                   freeze_weights=mask_training_options(model)[0]),
+                                   frozen_labels=frozen),
                    out_shardings=(shardings["params"], shardings["rest"],
                                   shardings["opt_state"], None))
     batch = put_batch(task.train_batch(0, process_rows(cfg.data.batch_size, mesh)), mesh,
@@ -125,7 +126,7 @@ def compile_step(config: str, mesh_sizes: tuple[int, int, int], overrides: list[
     with jax.set_mesh(mesh):  # as the trainer traces it (the models pin activations)
         compiled = step.lower(state["params"], state["rest"], state["opt_state"],
                               state["rng"], batch, np.int32(0)).compile()
-    return cfg, params, mesh, compiled.as_text()
+    return cfg, params, mesh, axes, compiled.as_text()
 
 
 def main() -> None:
@@ -148,8 +149,8 @@ def main() -> None:
              "needed count | needed MB |", "|---|---|---|---|---|---|"]
     for item in args.meshes:
         sizes = tuple(int(x) for x in item.split(","))
-        cfg, params, mesh, hlo = compile_step(args.config, sizes, args.override)
-        measured, need = hlo_collectives(hlo), expected(cfg, params, mesh)
+        cfg, params, mesh, axes, hlo = compile_step(args.config, sizes, args.override)
+        measured, need = hlo_collectives(hlo), expected(cfg, params, mesh, axes)
         for op in COLLECTIVES:
             count, size = measured[op]
             ncount, nsize = need.get(op, (0, 0))

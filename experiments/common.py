@@ -15,7 +15,6 @@ from flax import nnx
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sparsejax.config import load_config
-from sparsejax.nn import mask_training_options
 from sparsejax.tasks import build_task
 from sparsejax.train import build_optimizer, init_model, make_train_step
 
@@ -77,11 +76,11 @@ def compiled_step(config: str, overrides: list[str]):
     cfg = load_config(config, overrides)
     task = build_task(cfg)
     model = init_model(cfg)
-    tx, _ = build_optimizer(cfg, model)
+    tx, _, frozen = build_optimizer(cfg, model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     state = [params, rest, tx.init(params), jax.random.key_data(jax.random.key(0))]
     step = jax.jit(make_train_step(graphdef, task, tx, use_dropout=False,
-                                   freeze_weights=mask_training_options(model)[0]))
+                                   frozen_labels=frozen))
     batches = [task.train_batch(i) for i in range(8)]
     compiled = step.lower(*state, batches[0], np.int32(0)).compile()
     return compiled, state, batches

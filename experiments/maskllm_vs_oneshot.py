@@ -58,9 +58,9 @@ def mask_statistics(model, dense_model) -> dict[str, float]:
     dense = dict(named_layers(dense_model))
     zeros = size = changed = groups = 0
     for path, layer in sparse_layers(model):
-        m = layer.sparsity.m
+        n, m = layer.sparsity.spec.n, layer.sparsity.spec.m
         kept = np.asarray(layer.effective_kernel()) != 0  # (in, out)
-        prior = np.asarray(nm_mask(dense[path].kernel[...], layer.sparsity.n, m))
+        prior = np.asarray(nm_mask(dense[path].kernel[...], n, m))
         differs = (kept != prior).reshape(kept.shape[0] // m, m, -1).any(axis=1)
         zeros, size = zeros + int((~kept).sum()), size + kept.size
         changed, groups = changed + int(differs.sum()), groups + differs.size

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,78 +26,11 @@ import jax.numpy as jnp
 from sparsejax.dtypes import upcast
 from sparsejax.estimators import straight_through
 
-__all__ = ["AIHWKIT_TIMES", "NOISE_KINDS", "AnalogSpec", "PCMNoiseModel", "ProgrammedWeights",
+__all__ = ["AIHWKIT_TIMES", "NOISE_KINDS", "PCMNoiseModel", "ProgrammedWeights",
            "adc", "analog_matmul", "activation_noise", "clip_weights_gaussian", "dac",
            "drift_compensation", "output_noise", "read_noise_mvm", "weight_noise"]
 
 NOISE_KINDS = ("add", "mult")
-
-
-@dataclasses.dataclass(frozen=True)
-class AnalogSpec:
-    """What an analog layer simulates (all off by default).
-
-    Linear layers use the weight, output, read and converter fields; activation layers use
-    the ``act_*`` fields. Noise (weight, activation, output, read) is drawn only in
-    training calls unless ``noise_in_eval``; clipping and DAC/ADC quantisation are
-    properties of the hardware and apply in evaluation too.
-
-    Attributes:
-      weight_noise: std of the per-call weight noise; ``add``: relative to max|W|
-        (aihwkit ADD_NORMAL), ``mult``: relative to each weight. 0.06 is aihwkit's
-        tutorial setting.
-      weight_noise_kind: ``add`` or ``mult``.
-      clip_alpha: clip weights to ``+-alpha * std(W)`` in the forward (aihwkit's
-        LAYER_GAUSS clip, alpha 2.5); 0 disables.
-      act_noise: std of the noise on an activation layer's output (``add``: absolute,
-        ``mult``: relative).
-      act_noise_kind: ``add`` or ``mult``.
-      act_noise_correlated: one draw per input vector shared across the layer's features
-        (a supply swing) instead of one per neuron.
-      out_noise: std of Gaussian noise on each output, normalised units (aihwkit 0.04-0.06).
-      read_noise: PCM-read-style MVM noise ``w_noise`` (aihwkit's 0.0175); 0 disables.
-      dac_bits, adc_bits: input / output converter resolution (``2^bits - 2`` levels, 254
-        for 8 bits as aihwkit's HWA preset); 0 disables.
-      adc_bound: the ADC's output range ``+-adc_bound`` in normalised units.
-      noise_in_eval: keep the noise on in evaluation (noise-robustness tests).
-    """
-
-    weight_noise: float = 0.0
-    weight_noise_kind: str = "add"
-    clip_alpha: float = 0.0
-    act_noise: float = 0.0
-    act_noise_kind: str = "add"
-    act_noise_correlated: bool = False
-    out_noise: float = 0.0
-    read_noise: float = 0.0
-    dac_bits: int = 0
-    adc_bits: int = 0
-    adc_bound: float = 10.0
-    noise_in_eval: bool = False
-
-    def __post_init__(self):
-        for name in ("weight_noise", "clip_alpha", "act_noise", "out_noise", "read_noise"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("weight_noise_kind", "act_noise_kind"):
-            if getattr(self, name) not in NOISE_KINDS:
-                raise ValueError(f"{name} must be one of {NOISE_KINDS}, "
-                                 f"got {getattr(self, name)!r}")
-        for name in ("dac_bits", "adc_bits"):
-            bits = getattr(self, name)
-            if bits != 0 and not 2 <= bits <= 24:
-                raise ValueError(f"{name} must be 0 (off) or in [2, 24], got {bits}")
-        if self.adc_bound <= 0:
-            raise ValueError(f"adc_bound must be > 0, got {self.adc_bound}")
-
-    @property
-    def uses_normalised_mvm(self) -> bool:
-        """Whether the layer's matmul goes through :func:`analog_matmul`."""
-        return bool(self.dac_bits or self.adc_bits or self.out_noise or self.read_noise)
-
-    @property
-    def linear_noise(self) -> bool:
-        return bool(self.weight_noise or self.out_noise or self.read_noise)
 
 
 # --------------------------------------------------------------------------- training noise
@@ -192,7 +125,7 @@ def adc(y: jax.Array, bits: int, bound: float) -> jax.Array:
     return straight_through(clipped, jnp.round(clipped / step) * step)
 
 
-def analog_matmul(x: jax.Array, w: jax.Array, spec: AnalogSpec, key: jax.Array | None
+def analog_matmul(x: jax.Array, w: jax.Array, spec: Any, key: jax.Array | None
                   ) -> jax.Array:
     """``x @ w`` as an analog tile computes it: ``x`` ``(..., in)``, ``w`` ``(in, out)``.
 
@@ -200,6 +133,8 @@ def analog_matmul(x: jax.Array, w: jax.Array, spec: AnalogSpec, key: jax.Array |
     the scales carry no gradient), the DAC quantises the input, the product gets read
     noise and output noise (when ``key`` is given), the ADC clips and quantises, and the
     result is scaled back. Without converters or noise this is ``x @ w`` up to rounding.
+    ``spec``: the tile's settings (``dac_bits``, ``adc_bits``, ``adc_bound``,
+    ``read_noise``, ``out_noise``; ``sparsejax.transforms.analog.AnalogSpec``).
     """
     x_scale = jax.lax.stop_gradient(jnp.maximum(jnp.max(jnp.abs(x), -1, keepdims=True),
                                                 jnp.finfo(x.dtype).tiny))

@@ -24,14 +24,13 @@ from flax import nnx
 
 from sparsejax.analog import (
     AIHWKIT_TIMES,
-    AnalogSpec,
     PCMNoiseModel,
-    clip_weights_gaussian,
     drift_compensation,
 )
 from sparsejax.config import Config, ConfigError
 from sparsejax.nn import Activation, Linear, named_layers
 from sparsejax.tasks import Task, build_task
+from sparsejax.transforms.analog import AnalogSpec
 
 __all__ = ["analog_target_layers", "evaluate_activation_noise", "evaluate_analog",
            "format_table", "parse_times", "program_layers", "read_layers", "time_label",
@@ -71,11 +70,9 @@ def analog_target_layers(model: nnx.Module, pattern: str | None = None
 
 
 def _programming_target(layer: Linear) -> jax.Array:
-    """The weight that goes onto the devices: the inference weight, clipped as in
-    training when the layer's spec clips."""
-    w = layer.effective_kernel()
-    spec = layer.analog
-    return clip_weights_gaussian(w, spec.clip_alpha) if spec and spec.clip_alpha else w
+    """The weight that goes onto the devices: the inference weight, through every weight
+    transform of the layer (the analog tile's clip included)."""
+    return layer.effective_kernel()
 
 
 def program_layers(targets: dict[str, jax.Array], noise_model: PCMNoiseModel,
@@ -106,9 +103,9 @@ def set_eval_activation_noise(model: nnx.Module, std: float, correlated: bool = 
     ``std = 0`` removes it. Returns the number of layers."""
     acts = named_layers(model, (Activation,))
     for i, (_, act) in enumerate(acts):
-        act.set_analog(AnalogSpec(act_noise=std, act_noise_kind=kind,
-                                  act_noise_correlated=correlated, noise_in_eval=True),
-                       seed=seed * 1000 + i)
+        spec = AnalogSpec(act_noise=std, act_noise_kind=kind, act_noise_correlated=correlated,
+                          noise_in_eval=True)
+        act.configure({"analog": spec} if std else {}, seed=seed * 1000 + i)
     return len(acts)
 
 
@@ -121,8 +118,8 @@ def _make_eval_step(graphdef: nnx.GraphDef, task: Task) -> Callable:
         model = nnx.merge(graphdef, params, rest, copy=True)
         model.eval()
         for _, layer in named_layers(model, (Linear, Activation)):
-            if layer.analog_count is not None:
-                layer.analog_count[...] = call
+            if layer.analog is not None and "count" in layer.analog.state:
+                layer.analog.state["count"][...] = call
         return task.eval_sums(model, batch)
 
     return jax.jit(eval_step)
@@ -159,8 +156,8 @@ def evaluate_analog(model: nnx.Module, cfg: Config, times: Sequence[float] = AIH
     rows: list[dict[str, Any]] = [{"t_seconds": None, "repeats": 1, "alpha_mean": 1.0,
                                    **{f"{k}_mean": v for k, v in digital.items()},
                                    **{f"{k}_std": 0.0 for k in digital}}]
-    for path, layer in chosen:  # the graph with AnalogWeights: one compile for all reads
-        layer.set_analog_weights(targets[path])
+    for path, layer in chosen:  # the graph with weight overrides: one compile for all reads
+        layer.set_weight_override(targets[path])
     try:
         eval_step = _make_eval_step(nnx.split(model, nnx.Param, ...)[0], task)
         program = jax.jit(lambda ws, k: program_layers(ws, noise_model, k))
@@ -173,7 +170,7 @@ def evaluate_analog(model: nnx.Module, cfg: Config, times: Sequence[float] = AIH
                 weights, alphas = read(programmed, jnp.float32(t),
                                        jax.random.fold_in(chip_key, j + 1))
                 for path, layer in chosen:
-                    layer.set_analog_weights(weights[path])
+                    layer.set_weight_override(weights[path])
                 metrics = _evaluate(eval_step, model, task, (r * len(times) + j) * 10_000)
                 metrics["alpha"] = float(np.mean([float(a) for a in alphas.values()]))
                 results[t].append(metrics)
@@ -190,7 +187,7 @@ def evaluate_analog(model: nnx.Module, cfg: Config, times: Sequence[float] = AIH
                                               if repeats > 1 else 0.0) for k in keys}})
     finally:
         for _, layer in chosen:
-            layer.set_analog_weights(None)
+            layer.set_weight_override(None)
     return rows
 
 

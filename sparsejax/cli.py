@@ -92,31 +92,12 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     model = init_model(cfg)
     for path, layer in named_layers(model):
-        spec = layer.sparsity
-        what = "dense" if spec is None else f"{spec.method} {spec.n}:{spec.m}" + (
-            " mvue" if spec.mvue else "") + (" fp8" if spec.fp8 else "") + (
-            " pallas" if spec.kernel == "pallas" else "")
-        for tensor, q in (("W", layer.weight_quant), ("A", layer.act_quant)):
-            if q is not None:
-                what += f" {tensor}:{q.method}" + ("" if q.method == "fp8" else f"{q.bits:g}")
-        if layer.analog is not None:
-            what += " " + _analog_summary(layer.analog)
-        print(f"{path}\t{tuple(layer.kernel.shape)}\t{what}")
+        what = " ".join(f"{stage}:{slot.spec.summary()}" for stage, slot in layer.slots())
+        print(f"{path}\t{tuple(layer.kernel.shape)}\t{what or 'dense'}")
     for path, act in named_layers(model, (Activation,)):
-        print(f"{path}\t{act.fn}\t" + (_analog_summary(act.analog) if act.analog else "-"))
+        what = " ".join(f"{stage}:{slot.spec.summary()}" for stage, slot in act.slots())
+        print(f"{path}\t{act.fn}\t{what or '-'}")
     return 0
-
-
-def _analog_summary(spec) -> str:
-    """``analog(weight_noise=0.06,...)`` with the fields that differ from the defaults."""
-    import dataclasses
-
-    from sparsejax.analog import AnalogSpec
-
-    default = AnalogSpec()
-    changed = [f"{f.name}={getattr(spec, f.name)}" for f in dataclasses.fields(spec)
-               if getattr(spec, f.name) != getattr(default, f.name)]
-    return f"analog({','.join(changed)})"
 
 
 def _short_name(path: Path) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from sparsejax.config import CheckpointError, ConfigError
-from sparsejax.nn import named_layers
+from sparsejax.nn import named_layers, sparse_layers
 
 __all__ = ["CompareError", "Loaded", "compare_checkpoints", "format_rows", "load_checkpoint"]
 
@@ -63,14 +63,13 @@ def load_checkpoint(path: str | Path, step: int | None = None) -> Loaded:
         model, cfg, step = load_model(run_dir, step)
     except ConfigError as err:
         raise CompareError(str(err)) from None
-    weights, sparse, quant_mse = {}, set(), {}
+    weights, quant_mse = {}, {}
+    sparse = {path for path, _ in sparse_layers(model)}
     for layer_path, layer in named_layers(model):
-        w, stats = layer.effective_kernel_with_stats()
+        w, metrics = layer.effective_kernel_with_metrics()
         weights[layer_path] = np.asarray(w, np.float32)
-        if layer.sparsity is not None and layer.sparsity.method != "dense":
-            sparse.add(layer_path)
-        if "mse" in stats:
-            quant_mse[layer_path] = float(stats["mse"])
+        if "mse" in metrics.get("weight_quant", {}):
+            quant_mse[layer_path] = float(metrics["weight_quant"]["mse"])
     label = f"{cfg.name}@{step}"
     return Loaded(label, step, weights, sparse, quant_mse)
 

@@ -26,12 +26,16 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
-from sparsejax.analog import AnalogSpec
-from sparsejax.quant import FP8_FORMATS, QUANT_METHODS, QuantSpec
-from sparsejax.sparsity import NMSpec
+from sparsejax.transforms import (
+    RULE_BLOCKS,
+    SpecError,
+    methods,
+    rule_specs,
+    spec_class,
+    spec_fields,
+)
 
 __all__ = [
-    "AnalogConfig",
     "CheckpointConfig",
     "CheckpointError",
     "Config",
@@ -43,10 +47,8 @@ __all__ = [
     "ModelConfig",
     "ModelKind",
     "OptimizerConfig",
-    "QuantConfig",
     "QuantRuleConfig",
     "RuleConfig",
-    "SparsityConfig",
     "TrainConfig",
     "all_keys",
     "apply_overrides",
@@ -166,85 +168,36 @@ class CheckpointConfig:
     async_save: bool = True
 
 
-@dataclass
-class SparsityConfig:
-    """N:M sparsity of the matched linear layers (docs/methods.md §1-2)."""
-
-    method: str = "sste"  # sparsejax.sparsity.METHODS: dense | ste | sr_ste | sste | maskllm
-    n: int = 2
-    m: int = 4
-    mvue: bool = False  # 2:4 MVUE of dZ for the weight gradient (S-STE's backward)
-    fp8: bool = False  # simulate FP8 operands (E4M3 forward, E5M2 backward)
-    decay: float = 2e-4  # SR-STE lambda_W (ignored by the other methods)
-    kernel: str = "xla"  # xla (masked dense matmul) | pallas (packed 2:4 kernel, m <= 4)
-    # MaskLLM (learned masks, docs/methods.md §2); linear schedules over schedule_steps
-    # (0 = train.steps): Gumbel temperature, logit scale, regulariser weight -> 0.
-    tau_start: float = 4.0
-    tau_end: float = 0.05
-    kappa_start: float = 100.0
-    kappa_end: float = 500.0
-    reg_start: float = 1e-5
-    schedule_steps: int = 0
-    logit_std: float = 0.01  # logits start N(0, logit_std) ...
-    prior: str = "magnitude"  # ... biased to the magnitude mask (magnitude | none)
-    prior_strength: float = 3.0
-    freeze_weights: bool = False  # train the mask logits only (the paper's mask-only mode)
-    mask_lr_mult: float = 1.0  # the logits' learning rate = optimizer.lr * mask_lr_mult
-
-
-@dataclass
-class QuantConfig:
-    """Quantisation of one tensor of the matched layers (docs/methods.md §3-4); the
-    fields of ``sparsejax.quant.QuantSpec``."""
-
-    method: str = "dat"  # dat | absmax_ste | lsq | fp8
-    bits: float = 4.0  # 1..8, or 1.5 for ternary (not used by fp8)
-    affine: bool = True  # dat: affine (min/max grid) or linear (symmetric) pre-transform
-    lam: float = 0.01  # dat: ridge penalty lambda
-    block_size: int = 128  # dat, absmax_ste: sub-channel block along the contracting axis
-    fmt: str = "e4m3"  # fp8: e4m3 | e5m2
+# A transform block of a rule is a mapping ``{method: <name>, <field>: value, ...}`` whose
+# schema is the method's spec class (``sparsejax.transforms``, one file per method):
+# validation builds the spec, which names a bad or unknown field, and writes the block back
+# with every field of the method filled in (so ``config.yaml`` records the defaults too).
+TransformBlock = dict[str, Any]
 
 
 @dataclass
 class QuantRuleConfig:
-    """Weights and input activations are quantised separately; either may be left out."""
+    """Weights and input activations are quantised separately; either may be left out.
+    Each is a ``quant`` method's block (``{method: dat, bits: 4, ...}``)."""
 
-    weights: QuantConfig | None = None
-    activations: QuantConfig | None = None
-
-
-@dataclass
-class AnalogConfig:
-    """Analog in-memory-computing simulation of the matched layers (docs/methods.md §5); the
-    fields of ``sparsejax.analog.AnalogSpec``. Linear layers take the weight / output /
-    converter settings, activation layers (``blocks/<i>/mlp/act``, ``acts/<i>``) the
-    ``act_*`` ones. Noise is drawn in training only, unless ``noise_in_eval``."""
-
-    weight_noise: float = 0.0  # std; add: relative to max|W| (aihwkit tutorial: 0.06)
-    weight_noise_kind: str = "add"  # add | mult
-    clip_alpha: float = 0.0  # clip W to +-alpha std(W) (aihwkit: 2.5); 0 = off
-    act_noise: float = 0.0  # std of activation noise (add: absolute, mult: relative)
-    act_noise_kind: str = "add"  # add | mult
-    act_noise_correlated: bool = False  # one draw per vector, shared across the layer
-    out_noise: float = 0.0  # output noise, normalised units (aihwkit 0.04-0.06)
-    read_noise: float = 0.0  # PCM-read-style MVM noise w_noise (aihwkit 0.0175)
-    dac_bits: int = 0  # input DAC bits (0 = off; 8 = aihwkit HWA preset)
-    adc_bits: int = 0  # output ADC bits (0 = off)
-    adc_bound: float = 10.0  # ADC range +-bound, normalised units
-    noise_in_eval: bool = False
+    weights: TransformBlock | None = None
+    activations: TransformBlock | None = None
 
 
 @dataclass
 class RuleConfig:
     """One path rule: ``path`` is a regex matched (``re.fullmatch``) against the
     ``/``-joined module path of each layer (``blocks/0/mlp/fc``; list them with
-    ``sparsejax layers CONFIG``). The first matching rule wins. With both ``sparsity``
-    and ``quant``, weights are pruned, then quantised."""
+    ``sparsejax layers CONFIG``). The first matching rule wins. Blocks (each a method's
+    fields, ``docs/methods.md``): ``sparsity`` (default method ``sste``), ``quant.weights``
+    / ``quant.activations`` (default ``dat``), ``analog`` (default ``tile``; linear layers
+    take its weight / output / converter fields, activation layers its ``act_*`` ones).
+    With several, weights are pruned, then quantised, then put on the analog tile."""
 
     path: str = ".*"
-    sparsity: SparsityConfig | None = None
+    sparsity: TransformBlock | None = None
     quant: QuantRuleConfig | None = None
-    analog: AnalogConfig | None = None
+    analog: TransformBlock | None = None
 
 
 @dataclass
@@ -291,10 +244,10 @@ def all_keys(schema: Any = Config, prefix: str = "") -> list[str]:
 
 def _close_matches(key: str) -> str:
     candidates = (all_keys() + [f"rules.N.{k}" for k in all_keys(RuleConfig)]
-                  + [f"rules.N.sparsity.{k}" for k in all_keys(SparsityConfig)]
-                  + [f"rules.N.analog.{k}" for k in all_keys(AnalogConfig)]
-                  + [f"rules.N.quant.{t}.{k}" for t in ("weights", "activations")
-                     for k in all_keys(QuantConfig)])
+                  + [f"rules.N.{block}.{name}" for block, kind, _ in RULE_BLOCKS
+                     for method in methods(kind)
+                     for name in spec_fields(spec_class(kind, method)())])
+    candidates = list(dict.fromkeys(candidates))
     key = re.sub(r"rules(\.|\[)(\d+)\]?", "rules.N", key)
     matches = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
     if not matches:  # try the last component alone (``lrr`` -> ``optimizer.lr``)
@@ -513,63 +466,40 @@ def validate(cfg: Config) -> None:
     if d.source in (DataSource.stdlib, DataSource.text):
         _require(m.vocab_size >= 256, "model.vocab_size",
                  f"byte-level data needs vocab_size >= 256, got {m.vocab_size}")
+    shared: dict[tuple[type, str], tuple[int, Any]] = {}
     for i, rule in enumerate(cfg.rules):
         try:
             re.compile(rule.path)
         except re.error as err:
             raise ConfigError(f"bad value for 'rules.{i}.path': invalid regex "
                               f"'{rule.path}' ({err})") from None
-        sp = rule.sparsity
-        if sp is not None:
-            key = f"rules.{i}.sparsity"
-            try:  # NMSpec's own checks, reported under the config key they concern
-                NMSpec(**dataclasses.asdict(sp))
-            except ValueError as err:  # the field named first in the message is the culprit
-                found = [(hit.start(), f.name) for f in dataclasses.fields(SparsityConfig)
-                         if (hit := re.search(rf"\b{f.name}\b", str(err)))]
-                name = min(found)[1] if found else "method"
-                raise ConfigError(f"bad value for '{key}.{name}': {err}") from None
-        if rule.analog is not None:
-            try:  # AnalogSpec's checks; its messages start with the field name
-                AnalogSpec(**dataclasses.asdict(rule.analog))
-            except ValueError as err:
-                name = str(err).split()[0]
-                raise ConfigError(f"bad value for 'rules.{i}.analog.{name}': {err}") from None
-            for name in ("mvue", "fp8"):
-                _require(sp is None or not getattr(sp, name), f"rules.{i}.sparsity.{name}",
-                         "cannot be combined with an analog block (the analog tile runs the "
-                         "plain sparse matmul)")
-            _require(sp is None or sp.kernel == "xla", f"rules.{i}.sparsity.kernel",
-                     "must be xla with an analog block (the packed kernel is digital)")
-        for tensor in ("weights", "activations"):
-            qc = getattr(rule.quant, tensor) if rule.quant is not None else None
-            if qc is not None:
-                _validate_quant(qc, f"rules.{i}.quant.{tensor}")
-        if (sp is not None and sp.method != "dense" and rule.quant is not None
-                and rule.quant.weights is not None and rule.quant.weights.method == "dat"):
-            _require(not rule.quant.weights.affine, f"rules.{i}.quant.weights.affine",
-                     "affine DAT would fill the pruned zeros of a sparse layer; set "
-                     "affine: false (the linear form, docs/methods.md §3)")
+        specs = _validate_rule(rule, f"rules.{i}", t.steps)
+        for _, (key, spec) in specs.items():
+            for name in spec.optimizer_fields:  # the same method elsewhere must agree
+                first = shared.setdefault((type(spec), name), (i, getattr(spec, name)))
+                _require(first[1] == getattr(spec, name), f"rules.{i}.{key}.{name}",
+                         f"{getattr(spec, name)} differs from rules.{first[0]}: it applies "
+                         "to the whole optimiser")
 
 
-    masked = [(i, r.sparsity) for i, r in enumerate(cfg.rules)
-              if r.sparsity is not None and r.sparsity.method == "maskllm"]
-    for i, sp in masked[1:]:
-        first = masked[0][1]
-        for name in ("freeze_weights", "mask_lr_mult"):
-            _require(getattr(sp, name) == getattr(first, name), f"rules.{i}.sparsity.{name}",
-                     f"{getattr(sp, name)} differs from rules.{masked[0][0]}: it applies to "
-                     "the whole optimiser")
-
-
-def _validate_quant(qc: QuantConfig, key: str) -> None:
-    _require(qc.method in QUANT_METHODS, f"{key}.method",
-             f"'{qc.method}' is not one of {'|'.join(QUANT_METHODS)}")
-    _require(qc.fmt in FP8_FORMATS, f"{key}.fmt",
-             f"'{qc.fmt}' is not one of {'|'.join(FP8_FORMATS)}")
-    _require(qc.block_size > 0, f"{key}.block_size", f"must be > 0, got {qc.block_size}")
-    _require(qc.lam >= 0, f"{key}.lam", f"must be >= 0, got {qc.lam}")
+def _validate_rule(rule: RuleConfig, prefix: str, steps: int) -> dict[str, Any]:
+    """Build a rule's specs (their checks name the field), check they can run for
+    ``steps``, and write each block back with all of its method's fields."""
     try:
-        QuantSpec(**dataclasses.asdict(qc))
-    except ValueError as err:  # bits, and LSQ's bits >= 1.5
-        raise ConfigError(f"bad value for '{key}.bits': {err}") from None
+        specs = rule_specs(rule)
+        for key, spec in specs.values():
+            try:
+                spec.bind(steps)
+            except SpecError as err:
+                raise SpecError(f"{key}.{err.field}", str(err)) from None
+    except SpecError as err:
+        key = f"{prefix}.{err.field}"
+        if err.unknown:
+            raise ConfigError(f"unknown key '{key}'{_close_matches(key)}") from None
+        raise ConfigError(f"bad value for '{key}': {err}") from None
+    for key, spec in specs.values():
+        if "." in key:
+            setattr(getattr(rule, key.split(".")[0]), key.split(".")[1], spec_fields(spec))
+        else:
+            setattr(rule, key, spec_fields(spec))
+    return specs

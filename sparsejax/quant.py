@@ -1,6 +1,7 @@
 """Low-precision transforms: the denoising affine transform (DAT) and classic baselines.
 
-Pure, jit-safe functions of arrays (bfloat16 / float32 / float64 in, same dtype out;
+Pure, jit-safe functions of arrays (the methods built on them, one spec class each, are in
+``sparsejax.transforms.quant``) (bfloat16 / float32 / float64 in, same dtype out;
 statistics in float32, or float64 for float64 inputs). Formulas: ``docs/methods.md``
 sections 3-4.
 
@@ -9,7 +10,7 @@ sections 3-4.
   ``x_hat = s_g * q + b_g`` whose parameters are differentiable functions of ``x`` (the
   "corrective gradient path"). Built from :func:`quantize` and :func:`ridge_dequant`.
 * Baselines: :func:`absmax_ste`, :func:`lsq` (LSQ, Esser et al. 2020; the learned-step layer
-  is ``sparsejax.nn.LSQQuantizer``), :func:`stochastic_round`, :func:`fp8` / :func:`fp8_ste`.
+  is ``sparsejax.transforms.quant.LSQ``), :func:`stochastic_round`, :func:`fp8` / :func:`fp8_ste`.
 
 Everything here is *simulated* quantisation: values are rounded onto the low-precision
 grid, arithmetic stays in the input precision.
@@ -50,27 +51,28 @@ from sparsejax.sparsity import ste
 
 __all__ = [
     "FP8_FORMATS",
-    "QUANT_METHODS",
     "STAT_NAMES",
     "TERNARY",
-    "QuantSpec",
     "absmax_ste",
+    "absmax_with_stats",
     "check_bits",
     "denoise_quant",
+    "denoise_with_stats",
     "fp8",
     "fp8_ste",
+    "fp8_with_stats",
     "lsq",
     "lsq_init_step",
     "lsq_range",
+    "lsq_with_stats",
     "quantize",
-    "quantize_with_stats",
     "ridge_dequant",
     "stochastic_round",
 ]
 
 FP8_FORMATS = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
-QUANT_METHODS = ("dat", "absmax_ste", "lsq", "fp8")
 TERNARY = 1.5
+# The diagnostics every quantiser reports (``*_with_stats``).
 STAT_NAMES = ("mse_naive", "mse", "scale", "clip_frac")
 
 sg = jax.lax.stop_gradient
@@ -354,8 +356,13 @@ def ridge_dequant(x: jax.Array, q: jax.Array, *, lam: float = 0.01, affine: bool
     return lay.per_block(s_g), lay.per_block(b_g)
 
 
-def _denoise(x: jax.Array, bits: float, affine: bool, lam: float, block_size: int,
-             axis: int, nm: tuple[int, int] | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def denoise_with_stats(x: jax.Array, bits: float, affine: bool, lam: float, block_size: int,
+                       axis: int, nm: tuple[int, int] | None = None
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`denoise_quant` and its diagnostics (see :data:`STAT_NAMES`): ``mse_naive``
+    (dequantised with the pre-transform's own scale, ``s_f q + b_f``: before denoising),
+    ``mse`` (what the layer uses), ``scale`` (mean ``s_g``), ``clip_frac``; float32
+    (float64 for float64 ``x``), no gradient."""
     bits = check_bits(bits)
     _check_lam(lam)
     x32 = upcast(x)
@@ -389,18 +396,21 @@ def denoise_quant(x: jax.Array, bits: float, *, affine: bool = True, lam: float 
     the affine map denoises. In the linear form (the paper's choice for sparsity) pruned
     entries have ``q = 0`` and stay exactly 0.
     """
-    return _denoise(x, bits, affine, lam, block_size, axis, nm)[0]
+    return denoise_with_stats(x, bits, affine, lam, block_size, axis, nm)[0]
 
 
 # --------------------------------------------------------------------------- baselines
 
 
-def _absmax(x: jax.Array, bits: float, block_size: int | None, axis: int):
+def absmax_with_stats(x: jax.Array, bits: float, block_size: int | None, axis: int
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`absmax_ste` and its diagnostics (``mse_naive`` = ``mse``, ``scale`` = mean
+    ``s_f``, ``clip_frac``)."""
     bits = check_bits(bits)
     x32 = upcast(x)
     if block_size is None:  # one scale for the whole tensor
         flat = x32.reshape(1, -1)
-        out, stats = _absmax(flat, bits, flat.shape[1], 1)
+        out, stats = absmax_with_stats(flat, bits, flat.shape[1], 1)
         return out.reshape(x.shape).astype(x.dtype), stats
     lay = _layout(x32, block_size, axis)
     _, q_int, s_f, _, clipped = _quantize_blocks(lay.to_blocks(x32), lay, bits, affine=False)
@@ -416,7 +426,7 @@ def absmax_ste(x: jax.Array, bits: float, *, block_size: int | None = 128,
     """Symmetric quantise-dequantise ``clip(round(x / s)) * s`` with an identity gradient
     (docs/methods.md §4), ``s = max|x| / Q`` per block (``block_size=None``: per tensor); ternary
     and 1-bit use ``s = mean|x|`` (module docstring). Same shape and dtype as ``x``."""
-    return _absmax(x, bits, block_size, axis)[0]
+    return absmax_with_stats(x, bits, block_size, axis)[0]
 
 
 def lsq_range(bits: float) -> tuple[int, int]:
@@ -441,7 +451,9 @@ def lsq(x: jax.Array, step: jax.Array, bits: float, *, grad_scale: float = 1.0) 
     return (straight_through(v, jnp.round(v)) * s).astype(x.dtype)
 
 
-def _lsq_stats(x: jax.Array, step: jax.Array, bits: float, grad_scale: float):
+def lsq_with_stats(x: jax.Array, step: jax.Array, bits: float, grad_scale: float = 1.0
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`lsq` and its diagnostics (``scale`` = the learned step)."""
     out = lsq(x, step, bits, grad_scale=grad_scale)
     qn, qp = lsq_range(bits)
     x32 = upcast(x)
@@ -479,74 +491,12 @@ def fp8_ste(x: jax.Array, fmt: str = "e4m3") -> jax.Array:
     return straight_through(x, fp8(x, fmt))
 
 
-# --------------------------------------------------------------------------- specs
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one tensor (a layer's weights or its input activations) is quantised.
-
-    ``method``: ``dat`` (denoising affine transform), ``absmax_ste``, ``lsq`` or ``fp8``.
-    ``affine`` and ``lam`` are used by ``dat`` only; ``block_size`` by ``dat`` and
-    ``absmax_ste``; ``fmt`` (``e4m3`` | ``e5m2``) by ``fp8``; ``bits`` by all but ``fp8``.
-    """
-
-    method: str = "dat"
-    bits: float = 4
-    affine: bool = True
-    lam: float = 0.01
-    block_size: int = 128
-    fmt: str = "e4m3"
-
-    def __post_init__(self):
-        if self.method not in QUANT_METHODS:
-            raise ValueError(f"quantisation method '{self.method}' is not one of "
-                             f"{'|'.join(QUANT_METHODS)}")
-        if self.method == "fp8":
-            if self.fmt not in FP8_FORMATS:
-                raise ValueError(f"fmt '{self.fmt}' is not one of {'|'.join(FP8_FORMATS)}")
-            return
-        object.__setattr__(self, "bits", check_bits(self.bits))
-        _check_block_size(self.block_size)
-        _check_lam(self.lam)
-        if self.method == "lsq":
-            lsq_range(self.bits)
-
-    @property
-    def keeps_zeros(self) -> bool:
-        """Whether exact zeros (pruned weights) stay exactly zero: every form but affine
-        DAT, whose offset ``b_g`` moves them."""
-        return not (self.method == "dat" and self.affine)
-
-
-def quantize_with_stats(x: jax.Array, spec: QuantSpec, *, axis: int,
-                        step: jax.Array | None = None, grad_scale: float = 1.0
-                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Apply ``spec`` to ``x`` along the contracting ``axis``; returns the quantised tensor
-    (same shape and dtype) and float32 (float64 for float64 ``x``) diagnostics without
-    gradient:
-
-    * ``mse_naive``: MSE of dequantising with the pre-transform's own scale,
-      ``s_f q + b_f`` - the error *before* denoising (equal to ``mse`` for the baselines);
-    * ``mse``: MSE of what the layer uses;
-    * ``scale``: mean ``s_g`` (``dat``), mean ``s_f`` (``absmax_ste``), the learned step
-      (``lsq``) or the amax scale (``fp8``);
-    * ``clip_frac``: fraction of entries whose rounding fell outside the grid.
-
-    ``lsq`` needs the learned ``step`` (and its ``grad_scale``).
-    """
-    if spec.method == "dat":
-        return _denoise(x, spec.bits, spec.affine, spec.lam, spec.block_size, axis, None)
-    if spec.method == "absmax_ste":
-        return _absmax(x, spec.bits, spec.block_size, axis)
-    if spec.method == "lsq":
-        if step is None:
-            raise ValueError("quantize_with_stats(method='lsq') needs the learned step")
-        return _lsq_stats(x, step, spec.bits, grad_scale)
-    out = fp8_ste(x, spec.fmt)
+def fp8_with_stats(x: jax.Array, fmt: str = "e4m3") -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`fp8_ste` and its diagnostics (``scale`` = the amax scale; nothing clips)."""
+    out = fp8_ste(x, fmt)
     x32 = upcast(x)
     mse = jnp.mean(jnp.square(upcast(sg(out)) - x32))
-    amax = jnp.max(jnp.abs(x32)) / float(jnp.finfo(FP8_FORMATS[spec.fmt]).max)
+    amax = jnp.max(jnp.abs(x32)) / float(jnp.finfo(FP8_FORMATS[fmt]).max)
     return out, jax.tree.map(sg, {"mse_naive": mse, "mse": mse, "scale": amax,
                                   "clip_frac": jnp.zeros((), x32.dtype)})
 

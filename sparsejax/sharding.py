@@ -2,20 +2,23 @@
 
 A config's ``mesh: {data, fsdp, tensor}`` block builds a ``Mesh`` with those named axes.
 Every array of the training state (parameters, the layers' non-trainable state, the
-optimiser state) gets a ``PartitionSpec`` from its path, qwix-style: :data:`PARAM_AXES`
-maps path regexes to *logical* axes per dimension, and :data:`LOGICAL_AXIS_RULES` maps
-logical axes to mesh axes. Batches are split along ``("data", "fsdp")``; anything no rule
-names is replicated. The compiler (GSPMD) inserts the collectives.
+optimiser state) gets a ``PartitionSpec`` from the *logical* axes its variable was created
+with (``logical_axes`` metadata, set where the model creates its parameters: ``Linear(...,
+axes=("embed", "mlp"))``, and by transforms for their own parameters), mapped to mesh axes
+by the one table :data:`LOGICAL_AXIS_RULES`. Optimiser moments sit under the paths of their
+parameters and follow them. Batches are split along ``("data", "fsdp")``; anything without
+logical axes is replicated. The compiler (GSPMD) inserts the collectives. This module names
+no model and no method.
 
-Transforms stay exact under sharding: :func:`check_transform_sharding` refuses a mesh
-on which an N:M group or a quantisation block (both run along a kernel's axis 0) would be
-split between devices, naming the layer and the mesh axis to change.
+Transforms stay exact under sharding: :func:`check_transform_sharding` asks every
+transform which runs of rows along a kernel's axis 0 must stay on one device (N:M groups,
+quantisation blocks) and refuses a mesh that would split them, naming the layer and the
+mesh axis to change.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,8 +30,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sparsejax.config import ConfigError, MeshConfig
 from sparsejax.nn import BATCH_AXES, Linear, named_layers
 
-__all__ = ["BATCH_AXES", "LOGICAL_AXIS_RULES", "MESH_AXES", "PARAM_AXES", "batch_sharding",
-           "check_transform_sharding", "make_mesh", "mesh_shape", "process_rows",
+__all__ = ["BATCH_AXES", "LOGICAL_AXIS_RULES", "MESH_AXES", "batch_sharding",
+           "check_transform_sharding", "logical_axes", "make_mesh", "mesh_shape", "process_rows",
            "put_batch", "put_replicated", "put_state", "spec_for", "state_shardings", "to_host"]
 
 MESH_AXES = ("data", "fsdp", "tensor")  # BATCH_AXES (data, fsdp) come from sparsejax.nn
@@ -41,26 +44,19 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "vocab": "tensor",  # embedding table / output head rows
 }
 
-# (regex matched at the end of a state path, logical axes of the array's dimensions).
-# Kernels are (in, out); axis 0 is where N:M groups and quantisation blocks run.
-PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
-    (r"attn/qkv/kernel", ("embed", "heads")),
-    (r"attn/qkv/bias", ("heads",)),
-    (r"attn/proj/kernel", ("heads", "embed")),
-    (r"mlp/fc/kernel", ("embed", "mlp")),
-    (r"mlp/fc/bias", ("mlp",)),
-    (r"mlp/proj/kernel", ("mlp", "embed")),
-    (r"lm_head/kernel", ("embed", "vocab")),
-    (r"wte/embedding", ("vocab", "embed")),
-    (r"wpe/embedding", (None, "embed")),
-    (r"layers/\d+/kernel", ("embed", "mlp")),  # MLP classifier hidden layers
-    (r"layers/\d+/bias", ("mlp",)),
-]
-# MaskLLM logits (out, in // m, C) follow their kernel: its out axis, then the groups of its
-# in axis (whole groups per device, as check_transform_sharding requires of the kernel),
-# candidates unsplit. Replicated, they would hold 1.5x a 2:4 kernel's entries per device.
-PARAM_AXES += [(pattern.removesuffix("kernel") + "mask_logits", (axes[1], axes[0], None))
-               for pattern, axes in list(PARAM_AXES) if pattern.endswith("/kernel")]
+Axes = tuple[str | None, ...]
+
+
+def logical_axes(model: nnx.Module) -> dict[str, Axes]:
+    """``{path: logical axes}`` of every variable of ``model`` created with
+    ``logical_axes`` metadata (``/``-joined paths as in :func:`spec_for`)."""
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Variable):
+            axes = node.get_metadata().get("logical_axes")
+            if axes is not None:
+                out["/".join(str(p) for p in path)] = tuple(axes)
+    return out
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -100,56 +96,58 @@ def _path_str(path: tuple[Any, ...]) -> str:
     return "/".join(parts)
 
 
-def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, axes: dict[str, Axes]
+             ) -> PartitionSpec:
     """The ``PartitionSpec`` of the state array at ``path`` (``/``-joined) with ``shape``:
-    the first :data:`PARAM_AXES` entry whose regex matches the end of the path and whose
-    rank fits, through :data:`LOGICAL_AXIS_RULES`; mesh axes of size 1 are dropped.
-    Raises :class:`ConfigError` when a sharded dimension does not divide."""
-    for pattern, logical in PARAM_AXES:
-        if len(logical) == len(shape) and re.search(rf"(^|/){pattern}$", path):
-            axes = []
-            for dim, name in enumerate(logical):
-                mesh_axis = LOGICAL_AXIS_RULES.get(name) if name else None
-                size = mesh.shape[mesh_axis] if mesh_axis else 1
-                if size > 1 and shape[dim] % size:
-                    raise ConfigError(
-                        f"bad value for 'mesh.{mesh_axis}': {path} has {shape[dim]} along "
-                        f"axis {dim} ({name}), not divisible by mesh.{mesh_axis}={size}")
-                axes.append(mesh_axis if size > 1 else None)
-            return PartitionSpec(*axes)
+    the logical axes of the longest tail of ``path`` that names a variable in ``axes``
+    (:func:`logical_axes`; optimiser moments end in their parameter's path) and whose rank
+    fits, through :data:`LOGICAL_AXIS_RULES`; mesh axes of size 1 are dropped. Raises
+    :class:`ConfigError` when a sharded dimension does not divide."""
+    parts = path.split("/")
+    for start in range(len(parts)):
+        logical = axes.get("/".join(parts[start:]))
+        if logical is None or len(logical) != len(shape):
+            continue
+        out = []
+        for dim, name in enumerate(logical):
+            mesh_axis = LOGICAL_AXIS_RULES.get(name) if name else None
+            size = mesh.shape[mesh_axis] if mesh_axis else 1
+            if size > 1 and shape[dim] % size:
+                raise ConfigError(
+                    f"bad value for 'mesh.{mesh_axis}': {path} has {shape[dim]} along "
+                    f"axis {dim} ({name}), not divisible by mesh.{mesh_axis}={size}")
+            out.append(mesh_axis if size > 1 else None)
+        return PartitionSpec(*out)
     return PartitionSpec()
 
 
-def state_shardings(tree: Any, mesh: Mesh) -> Any:
+def state_shardings(tree: Any, mesh: Mesh, axes: dict[str, Axes]) -> Any:
     """A pytree of ``NamedSharding`` for every array of ``tree`` (params, rest, optimiser
-    state: optax's moments sit under the same paths as their parameters)."""
+    state), from the model's :func:`logical_axes`."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, spec_for(_path_str(path), np.shape(x), mesh)),
+        lambda path, x: NamedSharding(mesh, spec_for(_path_str(path), np.shape(x), mesh,
+                                                     axes)),
         tree)
 
 
 def check_transform_sharding(model: nnx.Module, mesh: Mesh) -> None:
-    """Refuse a mesh that would split an N:M group or a quantisation block: both run along
-    axis 0 of a ``Linear`` kernel in runs of ``m`` / ``block_size`` rows, so the rows each
-    device holds must be a multiple of them. Raises :class:`ConfigError` naming the layer,
-    the mesh axis and the sizes."""
+    """Refuse a mesh that would split a run of rows a transform needs whole: every
+    transform of a ``Linear`` states its blocking along the kernel's axis 0
+    (``Transform.blocking``: N:M groups of ``m``, quantisation blocks of ``block_size``),
+    so the rows each device holds must be a multiple of it. Raises :class:`ConfigError`
+    naming the layer, the mesh axis and the sizes."""
+    axes = logical_axes(model)
     for path, layer in named_layers(model, (Linear,)):
         if layer.kernel is None:
             continue
-        spec = spec_for(f"{path}/kernel", layer.kernel.shape, mesh)
+        spec = spec_for(f"{path}/kernel", layer.kernel.shape, mesh, axes)
         axis = spec[0] if len(spec) else None
         if axis is None:
             continue
         shards = mesh.shape[axis]
         rows = layer.in_features // shards
-        blocks = []
-        if layer.sparsity is not None and layer.sparsity.method != "dense":
-            blocks.append((f"N:M groups (m={layer.sparsity.m})", layer.sparsity.m))
-        for name, q in (("weight", layer.weight_quant), ("activation", layer.act_quant)):
-            if q is not None and q.method in ("dat", "absmax_ste"):
-                blocks.append((f"{name} quantisation blocks (block_size={q.block_size})",
-                               min(q.block_size, layer.in_features)))
-        for what, size in blocks:
+        for what, size in [b for _, slot in layer.slots()
+                           for b in slot.spec.blocking(slot.site)]:
             if rows % size:
                 raise ConfigError(
                     f"bad value for 'mesh.{axis}': layer {path} would split its {what} across "

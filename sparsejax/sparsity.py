@@ -1,6 +1,7 @@
 """N:M sparsity transforms: masks, S-STE's continuous pruning, STE / SR-STE, and MVUE.
 
-Pure functions of arrays (jit / vmap / grad safe, any float dtype). ``axis`` is the
+Pure functions of arrays (jit / vmap / grad safe, any float dtype); the methods that use
+them, one spec class each, are in ``sparsejax.transforms.sparsity``. ``axis`` is the
 contracting (input) axis of the matmul that consumes the tensor - axis 0 of a Flax
 ``(in, out)`` kernel - and a *group* is ``m`` consecutive entries along it.
 Formulas: ``docs/methods.md`` sections 1-2 (S-STE, Hu, Zhu, Chen, NeurIPS 2024;
@@ -17,7 +18,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +27,10 @@ from sparsejax.dtypes import upcast
 from sparsejax.estimators import straight_through
 
 __all__ = [
-    "KERNELS",
-    "METHODS",
-    "NMSpec",
+    "MASK_PRIORS",
     "argmax_nm_mask",
     "candidate_masks",
     "check_nm",
-    "effective_weight",
     "flip_rate",
     "gumbel_nm_mask",
     "init_mask_logits",
@@ -50,75 +47,7 @@ __all__ = [
     "threshold_nm",
 ]
 
-METHODS = ("dense", "ste", "sr_ste", "sste", "maskllm")
 MASK_PRIORS = ("magnitude", "none")
-KERNELS = ("xla", "pallas")
-
-
-@dataclass(frozen=True)
-class NMSpec:
-    """How one linear layer is sparsified (hashable: it is static model metadata).
-
-    method: ``dense`` | ``ste`` | ``sr_ste`` | ``sste`` | ``maskllm``; ``n`` of every ``m``
-    kept along the contracting axis; ``mvue``: sparsify the output gradient 2:4 along
-    tokens for the weight gradient; ``fp8``: simulate FP8 operands; ``decay``: SR-STE's
-    lambda_W; ``kernel``: ``xla`` (dense matmul with zeros) or ``pallas`` (forward and
-    input-gradient GEMMs on the packed weight, ``sparsejax.kernels.nm_matmul``; needs
-    ``m <= 4``).
-
-    MaskLLM (docs/methods.md §2) only: Gumbel-softmax temperature ``tau_start -> tau_end`` and
-    logit scale ``kappa_start -> kappa_end``, regulariser weight ``reg_start -> 0``, all
-    linear over ``schedule_steps`` training calls (0: the run's ``train.steps``); the
-    logits start N(0, ``logit_std``) plus, with ``prior: magnitude``, ``prior_strength``
-    times that std per kept position shared with the magnitude mask; ``freeze_weights``:
-    the optimiser trains the mask logits only (the paper's mask-only mode);
-    ``mask_lr_mult``: the logits' learning rate relative to ``optimizer.lr``.
-    """
-
-    method: str = "sste"
-    n: int = 2
-    m: int = 4
-    mvue: bool = False
-    fp8: bool = False
-    decay: float = 2e-4
-    kernel: str = "xla"
-    tau_start: float = 4.0
-    tau_end: float = 0.05
-    kappa_start: float = 100.0
-    kappa_end: float = 500.0
-    reg_start: float = 1e-5
-    schedule_steps: int = 0
-    logit_std: float = 0.01
-    prior: str = "magnitude"
-    prior_strength: float = 3.0
-    freeze_weights: bool = False
-    mask_lr_mult: float = 1.0
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"sparsity method '{self.method}' is not one of {'|'.join(METHODS)}")
-        if not 1 <= self.n < self.m:
-            raise ValueError(f"N:M pattern {self.n}:{self.m} needs 1 <= n < m")
-        if self.decay < 0:
-            raise ValueError(f"SR-STE decay must be >= 0, got {self.decay}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel '{self.kernel}' is not one of {'|'.join(KERNELS)}")
-        if self.kernel == "pallas" and (self.m > 4 or self.method in ("dense", "maskllm")):
-            raise ValueError(f"kernel 'pallas' needs a hard-masked method (ste|sr_ste|sste) "
-                             f"and m <= 4, got {self.method} {self.n}:{self.m}")
-        if self.method == "maskllm":
-            for name in ("mvue", "fp8"):
-                if getattr(self, name):
-                    raise ValueError(f"{name} is not supported with maskllm (its training "
-                                     "weight is soft-masked, not N:M)")
-            for name in ("tau_start", "tau_end", "kappa_start", "kappa_end", "mask_lr_mult"):
-                if not getattr(self, name) > 0:
-                    raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-            for name in ("reg_start", "logit_std", "prior_strength", "schedule_steps"):
-                if getattr(self, name) < 0:
-                    raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-            if self.prior not in MASK_PRIORS:
-                raise ValueError(f"prior '{self.prior}' is not one of {'|'.join(MASK_PRIORS)}")
 
 
 def check_nm(shape: tuple[int, ...], n: int, m: int, axis: int) -> int:
@@ -248,22 +177,6 @@ def _sr_ste_bwd(n, m, axis, decay, res, g):
 
 
 sr_ste.defvjp(_sr_ste_fwd, _sr_ste_bwd)
-
-
-def effective_weight(w: jax.Array, spec: NMSpec, beta: jax.Array | None = None,
-                     axis: int = 0) -> jax.Array:
-    """The weight a sparse layer multiplies by, with its method's gradient."""
-    if spec.method == "dense":
-        return w
-    if spec.method == "ste":
-        return ste(w, spec.n, spec.m, axis)
-    if spec.method == "sr_ste":
-        return sr_ste(w, spec.n, spec.m, axis, spec.decay)
-    if spec.method == "maskllm":
-        raise ValueError("MaskLLM's weight depends on its mask logits (see gumbel_nm_mask)")
-    if beta is None:
-        raise ValueError("S-STE needs its frozen scale beta (see sste_scale)")
-    return sste(w, beta, spec.n, spec.m, axis)
 
 
 def flip_rate(before: jax.Array, after: jax.Array, n: int = 2, m: int = 4, axis: int = 0

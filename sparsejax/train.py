@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,18 +45,20 @@ from sparsejax.config import (
     to_flat_dict,
     to_yaml,
 )
+from sparsejax.loop import StepInfo, Trainer
 from sparsejax.nn import (
+    TransformParam,
     apply_rules,
     layer_metrics,
-    mask_choice_changes,
-    mask_choices,
-    mask_layers,
-    mask_training_options,
-    regularization_loss,
+    loss_terms,
+    param_labels,
+    snapshot_changes,
+    snapshots,
 )
 from sparsejax.reporting import Progress, TensorBoardWriter, format_table
 from sparsejax.sharding import (
     check_transform_sharding,
+    logical_axes,
     make_mesh,
     process_rows,
     put_batch,
@@ -66,6 +68,7 @@ from sparsejax.sharding import (
     to_host,
 )
 from sparsejax.tasks import Task, build_model, build_task
+from sparsejax.transforms import ParamGroup
 
 __all__ = ["NonFiniteLossError", "RunDirError", "TrainState", "init_model", "load_model",
            "evaluate_model", "make_optimizer", "make_train_step", "resolve_checkpoint", "run"]
@@ -137,82 +140,79 @@ class TrainState:
 # --------------------------------------------------------------------------- building blocks
 
 
-def _is_mask_logit(path: tuple[Any, ...]) -> bool:
-    return any(getattr(k, "key", None) == "mask_logits" for k in path)
-
-
-def make_optimizer(cfg: OptimizerConfig, total_steps: int, params: nnx.State | None = None,
-                   *, mask_lr_mult: float = 1.0, freeze_weights: bool = False
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, labels: Any = None,
+                   groups: Mapping[str, ParamGroup] | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with linear warm-up to ``lr`` then cosine decay to ``lr * min_lr_ratio``,
     global-norm gradient clipping, and weight decay on matrices only (ndim >= 2).
 
-    When ``params`` holds MaskLLM logits (:class:`~sparsejax.nn.MaskLogits`), they get
-    their own Adam with the learning rate scaled by ``mask_lr_mult`` (the reference recipe
-    uses 10) and no weight decay; with ``freeze_weights`` every other parameter is frozen
-    (no update, no optimiser state). Deviation: the reference code puts its 2-D gate tensor
-    in the decayed group (weight decay 0.1 in its recipe); decay pulls every group back
-    towards the uniform choice, against the tau/kappa annealing, so we leave it out.
-    Returns ``(optimizer, schedule of the base learning rate)``."""
+    ``labels`` / ``groups`` (from :func:`sparsejax.nn.param_labels`): the partition the
+    transforms ask for. Parameters labelled with a group get their own Adam with the
+    learning rate times the group's ``lr_mult`` and no weight decay (MaskLLM's logits;
+    the reference recipe uses x10); with a group's ``freeze_others`` every ``weights``
+    parameter is frozen (no update, no optimiser state). Deviation: the MaskLLM reference
+    code puts its 2-D gate tensor in the decayed group (weight decay 0.1 in its recipe);
+    decay pulls every group back towards the uniform choice, against the tau/kappa
+    annealing, so we leave it out. Returns ``(optimizer, schedule of the base rate)``."""
     # A warm-up longer than the run (train.steps=20 on a config made for 600) is cut to
     # the run, so that a short smoke run of any config works.
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=min(cfg.warmup_steps, total_steps - 1),
         decay_steps=total_steps, end_value=cfg.lr * cfg.min_lr_ratio)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay, mask=decay_mask)
-    has_logits = params is not None and any(
-        _is_mask_logit(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
-    if has_logits:
-        logit_adam = optax.adam(lambda step: schedule(step) * mask_lr_mult, b1=cfg.b1,
-                                b2=cfg.b2, eps=cfg.eps)
-        weights = optax.set_to_zero() if freeze_weights else adamw
-        labels = jax.tree_util.tree_map_with_path(
-            lambda path, _: "mask_logits" if _is_mask_logit(path) else "weights", params)
-        adamw = optax.multi_transform({"mask_logits": logit_adam, "weights": weights}, labels)
+    tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                     weight_decay=cfg.weight_decay, mask=decay_mask)
+    if groups:
+        frozen = any(g.freeze_others for g in groups.values())
+        parts = {"weights": optax.set_to_zero() if frozen else tx}
+        for name, group in groups.items():
+            parts[name] = optax.adam(lambda step, g=group: schedule(step) * g.lr_mult,
+                                     b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+        tx = optax.multi_transform(parts, labels)
     if cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw), schedule
-    return adamw, schedule
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx), schedule
+    return tx, schedule
 
 
 def build_optimizer(cfg: Config, model: nnx.Module
-                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """:func:`make_optimizer` for ``cfg`` and the parameters of ``model`` (after rules)."""
-    freeze, mult = mask_training_options(model)
-    return make_optimizer(cfg.optimizer, cfg.train.steps, nnx.state(model, nnx.Param),
-                          mask_lr_mult=mult, freeze_weights=freeze)
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule, Any]:
+    """:func:`make_optimizer` for ``cfg`` and the transforms of ``model`` (after rules);
+    also returns the labels to freeze in the train step (None when nothing is frozen)."""
+    labels, groups = param_labels(model)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, labels, groups)
+    frozen = any(g.freeze_others for g in groups.values())
+    return tx, schedule, labels if frozen else None
 
 
 def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransformation,
-                    use_dropout: bool, freeze_weights: bool = False):
+                    use_dropout: bool, frozen_labels: Any = None):
     """The pure train step ``(params, rest, opt_state, rng, batch, step) ->
     (params, rest, opt_state, metrics)``; ``metrics['finite']`` is False when the loss,
     the gradient or the updated parameters hold a NaN/Inf.
 
-    The differentiated objective is the task loss plus the layers' regularisers
-    (:func:`~sparsejax.nn.regularization_loss`; ``metrics['loss']`` is the task loss
-    alone). ``freeze_weights``: only MaskLLM logits get a gradient (the others' are zeroed
-    before clipping, so XLA drops their weight-gradient GEMMs)."""
+    The differentiated objective is the task loss plus the transforms' loss terms
+    (:func:`~sparsejax.nn.loss_terms`, logged under their names; ``metrics['loss']`` is the
+    task loss alone). ``frozen_labels``: parameters labelled ``weights`` get no gradient
+    (zeroed before clipping, so XLA drops their weight-gradient GEMMs)."""
 
     def train_step(params, rest, opt_state, rng, batch, step):
         key = jax.random.fold_in(jax.random.wrap_key_data(rng), step) if use_dropout else None
 
         def loss_of(p):
-            # copy=True: layers may update their state (e.g. MVUE draw counters) inside the
-            # grad trace, which NNX only allows on variables created in that trace.
+            # copy=True: transforms update their state (counters) inside the grad trace,
+            # which NNX only allows on variables created in that trace.
             model = nnx.merge(graphdef, p, rest, copy=True)
             loss, aux = task.loss(model, batch, key)
+            terms = loss_terms(model)
             objective = loss
-            if mask_layers(model):
-                aux = {**aux, "regularizer": regularization_loss(model)}
-                objective = loss + aux["regularizer"]
-            return objective, (loss, aux, nnx.split(model, nnx.Param, ...)[2])
+            for term in terms.values():
+                objective = objective + term
+            return objective, (loss, {**aux, **terms}, nnx.split(model, nnx.Param, ...)[2])
 
         (_, (loss, aux, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-        if freeze_weights:
-            grads = jax.tree_util.tree_map_with_path(
-                lambda path, g: g if _is_mask_logit(path) else jnp.zeros_like(g), grads)
+        if frozen_labels is not None:
+            grads = jax.tree.map(lambda label, g: jnp.zeros_like(g) if label == "weights"
+                                 else g, frozen_labels, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         old_params, params = params, optax.apply_updates(params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -260,16 +260,19 @@ def resolve_checkpoint(path: str | Path, step: int | None = None
 
 def load_params_into(model: nnx.Module, source: nnx.Module, origin: str) -> list[str]:
     """Copy, in place, every parameter of ``source`` into the parameter of ``model`` at the
-    same path. Parameters ``source`` lacks keep their values only when they are MaskLLM
-    logits (new state of the target's rules); any other missing path or shape mismatch
-    raises :class:`ConfigError` naming it. Returns the copied paths."""
+    same path. Parameters ``source`` lacks keep their values only when they belong to a
+    transform of the target's rules (:class:`~sparsejax.nn.TransformParam`: new state,
+    e.g. MaskLLM's logits); any other missing path or shape mismatch raises
+    :class:`ConfigError` naming it. Returns the copied paths."""
     target = nnx.state(model, nnx.Param)
+    own = {path for path, _ in jax.tree_util.tree_leaves_with_path(
+        nnx.state(model, TransformParam))}
     loaded = dict(jax.tree_util.tree_leaves_with_path(nnx.state(source, nnx.Param)))
     copied, values = [], []
     for path, value in jax.tree_util.tree_leaves_with_path(target):
         name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
         if path not in loaded:
-            if not _is_mask_logit(path):
+            if path not in own:
                 raise ConfigError(f"train.init_from {origin} has no parameter {name}")
             values.append(value)
             continue
@@ -337,7 +340,7 @@ def load_model(run_dir: str | Path, step: int | None = None) -> tuple[nnx.Module
         if step is None or step not in ckpt.all_steps():
             raise CheckpointError(f"{run_dir}: no checkpoint at step {step} "
                                   f"(have {ckpt.all_steps()})")
-        tx, _ = build_optimizer(cfg, model)
+        tx, _, _ = build_optimizer(cfg, model)
         target = TrainState(params, rest, tx.init(params),
                             jax.random.key_data(jax.random.key(0))).as_dict()
         state, _ = ckpt.restore(step, target)  # CheckpointError when unreadable or corrupt
@@ -453,21 +456,114 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
                                   step_bytes)
 
 
-def _train_on_mesh(cfg: Config, run_dir: Path, resuming: bool, task: Task,
-                   model: nnx.Module, mesh: Mesh, verbose: bool,
-                   step_bytes: list[int]) -> dict[str, Any]:
-    """The body of :func:`run` once the run dir is checked and the mesh is built; appends
-    the compiled step's memory estimate (bytes) to ``step_bytes``."""
-    freeze_weights, _ = mask_training_options(model)
-    tx, schedule = build_optimizer(cfg, model)
+def _initial_state(cfg: Config, model: nnx.Module, mesh: Mesh):
+    """The optimiser, the split model and the training state placed on ``mesh``:
+    ``(graphdef, tx, schedule, frozen_labels, state, shardings)``."""
+    tx, schedule, frozen_labels = build_optimizer(cfg, model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     host_state = TrainState(params=params, rest=rest, opt_state=tx.init(params),
                             rng=jax.random.key_data(jax.random.key(cfg.train.seed))).as_dict()
-    shardings = state_shardings(host_state, mesh)
-    state = TrainState(**put_state(host_state, shardings))
-    rows = process_rows(cfg.data.batch_size, mesh)
-    lead = jax.process_index() == 0  # only process 0 writes files and prints
+    shardings = state_shardings(host_state, mesh, logical_axes(model))
+    return graphdef, tx, schedule, frozen_labels, TrainState(**put_state(host_state,
+                                                                          shardings)), shardings
 
+
+def _compile(step_fn, args: tuple, step_bytes: list[int]):
+    """``step_fn`` compiled ahead for ``args`` (so throughput excludes compilation);
+    appends its memory estimate to ``step_bytes``."""
+    compiled = step_fn.lower(*args).compile()
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        step_bytes.append(int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                              + memory.output_size_in_bytes))
+    return compiled
+
+
+class _Checkpoints:
+    """The checkpoint hook: saves the state with its data position and loop time."""
+
+    def __init__(self, ckpt: Checkpointer, cfg: Config, items: int, prior_seconds: float,
+                 start: int):
+        self.ckpt, self.cfg, self.items = ckpt, cfg, items
+        self.prior_seconds, self.loop_start = prior_seconds, time.perf_counter()
+        self.last_saved = start if start else None
+
+    def loop_seconds(self) -> float:
+        return self.prior_seconds + time.perf_counter() - self.loop_start
+
+    def __call__(self, info: StepInfo) -> None:
+        step = info.step
+        self.ckpt.save(step, info.state.as_dict(),
+                       {"step": step, "data_position": step, "seed": self.cfg.train.seed,
+                        "items_seen": step * self.items, "loop_seconds": self.loop_seconds()})
+        self.last_saved = step
+
+    def describe_last(self) -> str:
+        return (f"step {self.last_saved} in {self.ckpt.directory}" if self.last_saved
+                else "none")
+
+
+def _stop_on_non_finite(checkpoints: _Checkpoints) -> Callable[[StepInfo], None]:
+    """The NaN hook: every step since the last log point is checked before anything is
+    logged or saved."""
+
+    def check(info: StepInfo) -> None:
+        for offset, m in enumerate(info.host):
+            if not m["finite"]:
+                raise NonFiniteLossError(
+                    f"non-finite loss, gradient or parameters at step "
+                    f"{info.first_step + offset + 1} (loss={float(m['loss'])}, "
+                    f"grad_norm={float(m['grad_norm'])}); stopped. Last good checkpoint: "
+                    + checkpoints.describe_last())
+
+    return check
+
+
+def _interval_scalars(task: Task, schedule: optax.Schedule) -> Callable[[StepInfo], None]:
+    """The metrics hook: interval means of the step metrics (keys that carry their own
+    namespace, ``sparsity/...``, keep it; the rest go under ``train/``), the learning rate,
+    throughput and, for token tasks, bits per token."""
+    rate_key = f"throughput/{task.item_name}_per_sec"
+    means: dict[str, float] = {}  # the latest interval's, for the results
+
+    def scalars(info: StepInfo) -> None:
+        host = info.host
+        means.clear()
+        means.update({(k if "/" in k else f"train/{k}"): float(np.mean([m[k] for m in host]))
+                      for k in host[0] if k != "finite"})
+        info.scalars.update(means)
+        info.scalars["train/lr"] = float(schedule(info.step - 1))
+        info.scalars[rate_key] = len(host) * task.items_per_batch / info.seconds
+        if "train/loss" in info.scalars and task.item_name == "tokens":
+            info.scalars[f"train/{task.bits_name}"] = info.scalars["train/loss"] / math.log(2)
+
+    scalars.means = means
+    return scalars
+
+
+def _snapshot_changes(graphdef: nnx.GraphDef, state: TrainState, mesh: Mesh):
+    """The per-transform logging hook: the fraction of each transform's discrete choice
+    that changed since the previous log point (``Transform.snapshot``; MaskLLM: mask
+    candidates). None when no transform has one."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    snap = jax.jit(lambda p, r: snapshots(nnx.merge(graphdef, p, r)), out_shardings=replicated)
+    last = [to_host(snap(state.params, state.rest))]
+    if not last[0]:
+        return None
+
+    def log(info: StepInfo) -> None:
+        now = to_host(snap(info.state.params, info.state.rest))
+        info.scalars.update(snapshot_changes(last[0], now))
+        last[0] = now
+
+    return log
+
+
+def _open_run_dir(cfg: Config, run_dir: Path, state: TrainState, lead: bool
+                  ) -> tuple[Checkpointer, TrainState, int, float]:
+    """The run's checkpointer, the state restored from its newest intact checkpoint (onto
+    this run's mesh, whatever mesh saved it), the step to start from and the step-loop time
+    of earlier sessions; writes ``config.yaml`` once the restore succeeded."""
     if jax.process_count() > 1:  # every process has read the run dir before it changes
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("sparsejax: run dir checked")
@@ -475,148 +571,125 @@ def _train_on_mesh(cfg: Config, run_dir: Path, resuming: bool, task: Task,
         run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
-    start = 0
-    prior_seconds = 0.0  # step-loop time of earlier sessions of this run
-    if ckpt.all_steps():  # restored onto this run's mesh, whatever mesh saved it
+    start, prior_seconds = 0, 0.0
+    if ckpt.all_steps():
         say = (lambda line: print(line, file=sys.stderr, flush=True)) if lead else None
         restored, meta, start = restore_newest_intact(ckpt, state.as_dict(), say)
-        state = TrainState(**restored)
-        prior_seconds = float(meta.get("loop_seconds", 0.0))
+        state, prior_seconds = TrainState(**restored), float(meta.get("loop_seconds", 0.0))
     if lead:  # after the restore: a run with no intact checkpoint is left as it was
         _write_atomic(run_dir / "config.yaml", to_yaml(cfg))
-    total = cfg.train.steps
-    mode = cfg.logging.progress if verbose and lead else "none"
-    progress = Progress(total, start, mode=mode)
+    return ckpt, state, start, prior_seconds
+
+
+def _train_on_mesh(cfg: Config, run_dir: Path, resuming: bool, task: Task,
+                   model: nnx.Module, mesh: Mesh, verbose: bool,
+                   step_bytes: list[int]) -> dict[str, Any]:
+    """The body of :func:`run` once the run dir is checked and the mesh is built; appends
+    the compiled step's memory estimate (bytes) to ``step_bytes``."""
+    graphdef, tx, schedule, frozen, state, shardings = _initial_state(cfg, model, mesh)
+    lead = jax.process_index() == 0  # only process 0 writes files and prints
+    ckpt, state, start, prior_seconds = _open_run_dir(cfg, run_dir, state, lead)
+    progress = Progress(cfg.train.steps, start,
+                        mode=cfg.logging.progress if verbose and lead else "none")
     if resuming and start:
         progress.message(f"resuming {run_dir} from step {start}")
-
-    writer = None
-    if cfg.logging.tensorboard and lead:
-        # A restarted run hides the events its predecessor wrote after the checkpoint.
-        writer = TensorBoardWriter(run_dir, purge_step=start + 1 if resuming else None)
-        if not start:
-            writer.text("config", to_yaml(cfg))
-            writer.hparams_start(to_flat_dict(cfg),
-                                 [f"val/{k}" for k in task.eval_metric_names])
-
-    use_dropout = cfg.model.dropout > 0
+    writer = _open_writer(cfg, run_dir, task, start, resuming) if lead else None
     replicated = NamedSharding(mesh, PartitionSpec())
-    train_step = jax.jit(make_train_step(graphdef, task, tx, use_dropout, freeze_weights),
+    train_step = jax.jit(make_train_step(graphdef, task, tx, cfg.model.dropout > 0, frozen),
                          out_shardings=(shardings["params"], shardings["rest"],
                                         shardings["opt_state"], replicated))
     eval_step = jax.jit(make_eval_step(graphdef, task), out_shardings=replicated)
-    # MaskLLM: which candidate each group would pick, compared between log points.
-    choices_of = jax.jit(lambda p, r: mask_choices(nnx.merge(graphdef, p, r)),
-                         out_shardings=replicated)
-    last_choices = to_host(choices_of(state.params, state.rest))
-
-    def batch_of(step: int) -> dict[str, jax.Array]:
-        return put_batch(task.train_batch(step, rows), mesh, cfg.data.batch_size)
-
-    info = task.summary()
-    items = task.items_per_batch
-    rate_key = f"throughput/{task.item_name}_per_sec"
-
-    # Compile ahead so that throughput excludes compilation.
+    rows = process_rows(cfg.data.batch_size, mesh)
+    batch_of = lambda step: put_batch(task.train_batch(step, rows), mesh, cfg.data.batch_size)
     t0 = time.perf_counter()
-    if start < total:
-        step_args = (state.params, state.rest, state.opt_state, state.rng,
-                     batch_of(start), np.int32(start))
-        train_step = train_step.lower(*step_args).compile()
-        memory = train_step.memory_analysis()
-        if memory is not None:
-            step_bytes.append(int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                                  + memory.output_size_in_bytes))
+    if start < cfg.train.steps:
+        train_step = _compile(train_step, (state.params, state.rest, state.opt_state,
+                                           state.rng, batch_of(start), np.int32(start)),
+                              step_bytes)
     compile_seconds = time.perf_counter() - t0
 
-    pending: list[tuple[int, dict[str, jax.Array]]] = []
-    last_saved = start if start else None
-    last_train: dict[str, float] = {}
-    train_seconds, train_items = 0.0, 0
-    interval_start, interval_steps = time.perf_counter(), 0
+    def step_fn(state: TrainState, step: int) -> tuple[TrainState, dict[str, Any]]:
+        params, rest, opt_state, metrics = train_step(state.params, state.rest, state.opt_state,
+                                                      state.rng, batch_of(step), np.int32(step))
+        return TrainState(params, rest, opt_state, state.rng), metrics
 
-    def save(step: int) -> None:
-        nonlocal last_saved
-        ckpt.save(step, state.as_dict(),
-                  {"step": step, "data_position": step, "seed": cfg.train.seed,
-                   "items_seen": step * items,
-                   "loop_seconds": prior_seconds + time.perf_counter() - loop_start})
-        last_saved = step
-
-    loop_start = time.perf_counter()
+    checkpoints = _Checkpoints(ckpt, cfg, task.items_per_batch, prior_seconds, start)
+    trainer = _make_trainer(cfg, task, schedule, step_fn, checkpoints, graphdef, state, mesh,
+                            eval_step, writer, progress)
     try:
-        for step in range(start, total):
-            params, rest, opt_state, metrics = train_step(
-                state.params, state.rest, state.opt_state, state.rng,
-                batch_of(step), np.int32(step))
-            state = TrainState(params, rest, opt_state, state.rng)
-            pending.append((step, metrics))
-            interval_steps += 1
-            done = step + 1
-            do_eval = done % cfg.train.eval_every == 0 and done != total
-            do_save = done % cfg.checkpoint.every == 0 or done == total
-            if done % cfg.logging.log_every and not (do_eval or do_save or done == total):
-                continue
-
-            # Sync point: every pending step is checked before anything is saved.
-            host = to_host([m for _, m in pending])
-            seconds = time.perf_counter() - interval_start
-            for (s, _), m in zip(pending, host, strict=True):
-                if not m["finite"]:
-                    raise NonFiniteLossError(
-                        f"non-finite loss, gradient or parameters at step {s + 1} "
-                        f"(loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}); "
-                        "stopped. Last good checkpoint: "
-                        + (f"step {last_saved} in {ckpt.directory}" if last_saved else "none"))
-            # Interval means; keys that carry their own namespace (sparsity/...) keep it.
-            last_train = {(k if "/" in k else f"train/{k}"): float(np.mean([m[k] for m in host]))
-                          for k in host[0] if k != "finite"}
-            train_seconds += seconds
-            train_items += interval_steps * items
-            scalars = {**last_train, "train/lr": float(schedule(step)),
-                       rate_key: interval_steps * items / seconds}
-            if last_choices:
-                choices = to_host(choices_of(state.params, state.rest))
-                scalars.update(mask_choice_changes(last_choices, choices))
-                last_choices = choices
-            if "train/loss" in scalars and task.item_name == "tokens":
-                scalars[f"train/{task.bits_name}"] = scalars["train/loss"] / math.log(2)
-            pending.clear()
-
-            if do_eval:
-                val = evaluate(eval_step, state, task, mesh)
-                scalars.update({f"val/{k}": v for k, v in val.items()})
-            if writer is not None:
-                writer.scalars(done, scalars)
-            progress.update(done, scalars)
-            if do_save:
-                save(done)
-            interval_start, interval_steps = time.perf_counter(), 0
-
-        if last_saved != total:
-            save(total)
+        state = trainer.run(state, start, cfg.train.steps)
         jax.block_until_ready(state.params)
-        loop_seconds = prior_seconds + time.perf_counter() - loop_start
+        loop_seconds = checkpoints.loop_seconds()
         val = evaluate(eval_step, state, task, mesh)
-        if writer is not None and start < total:  # a finished run re-evaluated logs nothing
-            writer.scalars(total, {f"val/{k}": v for k, v in val.items()})
+        if writer is not None and start < cfg.train.steps:  # a re-evaluation logs nothing
+            writer.scalars(cfg.train.steps, {f"val/{k}": v for k, v in val.items()})
             writer.hparams_end()
     finally:
         progress.close()
         ckpt.close()
         if writer is not None:
             writer.close()
+    return _finish(cfg, run_dir, task, state, start, trainer, val, loop_seconds,
+                   compile_seconds, verbose and lead, lead)
 
+
+def _open_writer(cfg: Config, run_dir: Path, task: Task, start: int, resuming: bool
+                 ) -> TensorBoardWriter | None:
+    if not cfg.logging.tensorboard:
+        return None
+    # A restarted run hides the events its predecessor wrote after the checkpoint.
+    writer = TensorBoardWriter(run_dir, purge_step=start + 1 if resuming else None)
+    if not start:
+        writer.text("config", to_yaml(cfg))
+        writer.hparams_start(to_flat_dict(cfg), [f"val/{k}" for k in task.eval_metric_names])
+    return writer
+
+
+def _make_trainer(cfg: Config, task: Task, schedule: optax.Schedule, step_fn: Callable,
+                  checkpoints: _Checkpoints, graphdef: nnx.GraphDef, state: TrainState,
+                  mesh: Mesh, eval_step: Callable, writer: TensorBoardWriter | None,
+                  progress: Progress) -> Trainer:
+    """The loop and its hooks, in the order they run at a log point."""
+    trainer = Trainer(step_fn, to_host, log_every=cfg.logging.log_every)
+    trainer.add_hook(_stop_on_non_finite(checkpoints))
+    trainer.add_hook(interval := _interval_scalars(task, schedule))
+    trainer.interval_means = interval.means
+    changes = _snapshot_changes(graphdef, state, mesh)
+    if changes is not None:
+        trainer.add_hook(changes)
+
+    def validate(info: StepInfo) -> None:
+        if not info.last:  # the final evaluation runs after the loop
+            info.scalars.update({f"val/{k}": v
+                                 for k, v in evaluate(eval_step, info.state, task, mesh).items()})
+
+    trainer.add_hook(validate, every=cfg.train.eval_every)
+    if writer is not None:
+        trainer.add_hook(lambda info: writer.scalars(info.step, info.scalars))
+    trainer.add_hook(lambda info: progress.update(info.step, info.scalars))
+    trainer.add_hook(checkpoints, every=cfg.checkpoint.every, at_end=True)
+    return trainer
+
+
+def _finish(cfg: Config, run_dir: Path, task: Task, state: TrainState, start: int,
+            trainer: Trainer, val: dict[str, float], loop_seconds: float,
+            compile_seconds: float, verbose: bool, lead: bool) -> dict[str, Any]:
+    """The results dict, written to ``results.json`` (a finished run re-evaluated keeps
+    the training numbers it wrote); raises when the evaluation is not finite."""
+    total = cfg.train.steps
+    last_train = trainer.interval_means
     results: dict[str, Any] = {
         "run_dir": str(run_dir),
         "steps": total,
         "resumed_from": start,
         "params": count_params(state.params),
-        **{k: v for k, v in info.items()},
+        **task.summary(),
         **{k.replace("/", "_"): v for k, v in last_train.items() if k.count("/") == 1},
         **{f"val_{k}": v for k, v in val.items()},
         # Training intervals only (eval and checkpoint saves excluded).
-        f"{task.item_name}_per_sec": train_items / train_seconds if train_seconds else None,
+        f"{task.item_name}_per_sec": (trainer.train_steps * task.items_per_batch
+                                      / trainer.train_seconds if trainer.train_seconds
+                                      else None),
         # The whole step loop over all sessions of the run (restarts lose only the time
         # since their last checkpoint): logging, TensorBoard, eval and checkpoints included.
         "loop_seconds": loop_seconds,
@@ -639,8 +712,7 @@ def _train_on_mesh(cfg: Config, run_dir: Path, resuming: bool, task: Task,
                    **{k: v for k, v in results.items() if k.startswith("val_")}}
     if lead:
         _write_atomic(results_file, json.dumps(results, indent=2) + "\n")
-    if verbose and lead:
+    if verbose:
         print(format_table([(k, v) for k, v in results.items() if v is not None],
                            title=f"results: {cfg.name}"), flush=True)
     return results
-

@@ -12,7 +12,6 @@ import pytest
 from scipy import stats
 
 from sparsejax.analog import (
-    AnalogSpec,
     PCMNoiseModel,
     activation_noise,
     adc,
@@ -24,6 +23,7 @@ from sparsejax.analog import (
     read_noise_mvm,
     weight_noise,
 )
+from sparsejax.transforms.analog import AnalogSpec
 
 N = 200_000  # samples per statistic: std error of a std estimate ~ sigma / sqrt(2N) = 0.16%
 PCM = PCMNoiseModel()

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax.analog import AnalogSpec
 from sparsejax.config import ConfigError
 from sparsejax.models import GPT
 from sparsejax.nn import Activation, Linear, analog_layers, apply_rules, named_layers
 from sparsejax.train import init_model, load_model, run
+from sparsejax.transforms.analog import AnalogSpec
 from tests.conftest import REPO
 
 WEIGHT_NOISE = ("rules=[{path: 'layers/.*|head', analog: {weight_noise: 0.06, out_noise: 0.04, "
@@ -55,7 +55,8 @@ def test_sparsity_rules_leave_activations_to_analog_rules(tiny_gpt):
     model = init_model(cfg)
     layers = dict(analog_layers(model))
     assert sorted(layers) == ["blocks/0/mlp/act", "blocks/1/mlp/act"]
-    assert all(isinstance(m, Activation) and m.analog.act_noise == 0.1 for m in layers.values())
+    assert all(isinstance(m, Activation) and m.analog.spec.act_noise == 0.1
+               for m in layers.values())
     assert all(m.sparsity is not None for _, m in named_layers(model))
 
 
@@ -84,19 +85,19 @@ def test_noise_draws_are_a_function_of_the_seed_and_the_call_counter():
     ids = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
     a, b = (_gpt(AnalogSpec(weight_noise=0.06, act_noise=0.1)) for _ in range(2))
     np.testing.assert_array_equal(a(ids), b(ids))
-    counters = [m.analog_count[...] for _, m in analog_layers(a)]
+    counters = [m.analog.state["count"][...] for _, m in analog_layers(a)]
     assert all(int(c) == 1 for c in counters)
 
 
 def test_linear_analog_weights_replace_the_effective_weight():
     lin = Linear(8, 4, rngs=nnx.Rngs(params=0))
     x = jnp.ones((2, 8))
-    lin.set_analog_weights(jnp.full((8, 4), 0.5))
+    lin.set_weight_override(jnp.full((8, 4), 0.5))
     np.testing.assert_allclose(lin(x), jnp.full((2, 4), 4.0))
-    lin.set_analog_weights(None)
+    lin.set_weight_override(None)
     np.testing.assert_allclose(lin(x), x @ lin.kernel[...], rtol=1e-6)
-    with pytest.raises(ValueError, match=r"analog weights of shape \(4, 8\)"):
-        lin.set_analog_weights(jnp.zeros((4, 8)))
+    with pytest.raises(ValueError, match=r"override weights of shape \(4, 8\)"):
+        lin.set_weight_override(jnp.zeros((4, 8)))
 
 
 @pytest.mark.slow

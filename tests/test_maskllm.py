@@ -14,9 +14,8 @@ import pytest
 from flax import nnx
 
 from sparsejax.config import ConfigError, OptimizerConfig
-from sparsejax.nn import MASK_STAT_NAMES, Linear, mask_layers, named_layers
+from sparsejax.nn import Linear, named_layers, param_labels
 from sparsejax.sparsity import (
-    NMSpec,
     argmax_nm_mask,
     candidate_masks,
     gumbel_nm_mask,
@@ -27,6 +26,9 @@ from sparsejax.sparsity import (
     nm_mask,
 )
 from sparsejax.train import init_model, load_model, make_optimizer, run
+from sparsejax.transforms.sparsity import MaskLLM
+
+MASK_STAT_NAMES = ("regularizer", "entropy", "soft_hard_gap", "tau", "kappa")
 
 PATTERNS = [(1, 4), (2, 4), (3, 4), (2, 8), (4, 8)]
 FFN = "blocks/\\d+/mlp/(fc|proj)"
@@ -128,25 +130,42 @@ def test_linear_schedules_hit_their_end_points():
 
 def layer(**spec_fields):
     lin = Linear(16, 8, rngs=nnx.Rngs(0))
-    lin.set_sparsity(NMSpec(method="maskllm", **spec_fields), seed=7, total_steps=10)
+    lin.configure({"sparsity": MaskLLM(**spec_fields).bind(10)}, seed=7)
     return lin
+
+
+def stats_of(lin):
+    return {k: float(v) for k, v in lin.sparsity.metric_values().items()}
+
+
+def logits_of(lin):
+    return lin.sparsity.params["mask_logits"][...]
+
+
+def calls_of(lin):
+    return int(lin.sparsity.state["step"][...])
+
+
+def mask_layers(model):
+    return [(p, m) for p, m in named_layers(model)
+            if m.sparsity is not None and m.sparsity.spec.method == "maskllm"]
 
 
 def test_layer_schedules_and_regulariser_follow_its_call_counter():
     lin = layer()
     x = jax.random.normal(jax.random.key(0), (4, 16))
     lin(x)
-    tau, kappa = (float(lin.mask_stats[...][MASK_STAT_NAMES.index(k)]) for k in ("tau", "kappa"))
+    tau, kappa = (stats_of(lin)[k] for k in ("tau", "kappa"))
     assert (tau, kappa) == (pytest.approx(4.0), pytest.approx(100.0))
     # the regulariser is -lambda_0 * sum (W * M)^2 with the mask of key fold_in(seed, 0)
-    soft = gumbel_nm_mask(lin.mask_logits[...], jax.random.fold_in(jax.random.key(7), 0),
+    soft = gumbel_nm_mask(logits_of(lin), jax.random.fold_in(jax.random.key(7), 0),
                           4.0, 100.0)
     expected = -1e-5 * float(jnp.sum((lin.kernel[...] * soft) ** 2))
-    assert float(lin.mask_stats[...][0]) == pytest.approx(expected, rel=1e-5)
+    assert stats_of(lin)["regularizer"] == pytest.approx(expected, rel=1e-5)
     for _ in range(11):
         lin(x)
-    stats = dict(zip(MASK_STAT_NAMES, np.asarray(lin.mask_stats[...]), strict=True))
-    assert int(lin.mask_step[...]) == 12
+    stats = stats_of(lin)
+    assert calls_of(lin) == 12
     assert stats["tau"] == pytest.approx(0.05) and stats["kappa"] == pytest.approx(500.0)
     assert stats["regularizer"] == 0.0  # lambda decayed to 0
 
@@ -159,11 +178,11 @@ def test_regulariser_moves_the_mask_and_leaves_the_weights_alone():
 
     def regulariser(model):
         model(x)
-        return model.mask_stats[...][0]
+        return model.sparsity.metrics["regularizer"][...]
 
     grads = nnx.grad(regulariser)(lin)
     assert not np.any(np.asarray(grads["kernel"][...]))
-    assert np.mean(np.asarray(grads["mask_logits"][...]) != 0) > 0.9
+    assert np.mean(np.asarray(grads["sparsity"]["params"]["mask_logits"][...]) != 0) > 0.9
 
 
 def test_eval_mode_uses_the_argmax_mask_and_training_mode_samples():
@@ -172,12 +191,12 @@ def test_eval_mode_uses_the_argmax_mask_and_training_mode_samples():
     a, b = lin(x), lin(x)
     assert not np.allclose(a, b)  # a fresh Gumbel draw per training call
     lin.eval()
-    step = int(lin.mask_step[...])
-    hard = argmax_nm_mask(lin.mask_logits[...])
+    step = calls_of(lin)
+    hard = argmax_nm_mask(logits_of(lin))
     expected = x @ (lin.kernel[...] * hard) + lin.bias[...]
     np.testing.assert_allclose(lin(x), expected, rtol=1e-6)
     np.testing.assert_allclose(lin(x), lin(x))
-    assert int(lin.mask_step[...]) == step  # evaluation does not advance the schedules
+    assert calls_of(lin) == step  # evaluation does not advance the schedules
     assert_valid_nm(lin.effective_kernel() != 0, 2, 4)
     again = layer()
     np.testing.assert_array_equal(again(x), a)  # same seed, same draws
@@ -202,17 +221,21 @@ def test_optimizer_gives_logits_their_learning_rate_and_no_weight_decay():
     lin = layer()
     params = nnx.state(lin, nnx.Param)
     cfg = OptimizerConfig(lr=1e-2, warmup_steps=0, weight_decay=0.5, grad_clip=0.0)
-    tx, _ = make_optimizer(cfg, 100, params, mask_lr_mult=10.0)
+    lin.configure({"sparsity": MaskLLM(mask_lr_mult=10.0).bind(10)}, seed=7)
+    tx, _ = make_optimizer(cfg, 100, *param_labels(lin))
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     # Adam's first step is -lr * sign(g); AdamW adds -lr * wd * w on matrices.
-    np.testing.assert_allclose(updates["mask_logits"][...], -0.1, rtol=1e-4)
+    np.testing.assert_allclose(updates["sparsity"]["params"]["mask_logits"][...], -0.1,
+                               rtol=1e-4)
     np.testing.assert_allclose(updates["kernel"][...],
                                -1e-2 * (1 + 0.5 * params["kernel"][...]), rtol=1e-4)
-    frozen, _ = make_optimizer(cfg, 100, params, freeze_weights=True)
+    lin.configure({"sparsity": MaskLLM(freeze_weights=True).bind(10)}, seed=7)
+    frozen, _ = make_optimizer(cfg, 100, *param_labels(lin))
     updates, _ = frozen.update(grads, frozen.init(params), params)
     assert not np.any(updates["kernel"][...]) and not np.any(updates["bias"][...])
-    np.testing.assert_allclose(updates["mask_logits"][...], -1e-2, rtol=1e-4)
+    np.testing.assert_allclose(updates["sparsity"]["params"]["mask_logits"][...], -1e-2,
+                               rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -236,10 +259,10 @@ def test_mask_only_run_from_a_dense_checkpoint(tiny_gpt, tmp_path):
     start = dict(mask_layers(initial))
     for path, lin in layers:
         assert_valid_nm(lin.effective_kernel() != 0, 2, 4)
-        assert not np.array_equal(lin.mask_logits[...], start[path].mask_logits[...])
-        assert int(lin.mask_step[...]) == 20
+        assert not np.array_equal(logits_of(lin), logits_of(start[path]))
+        assert calls_of(lin) == 20
         # the prior biased the initial argmax to the magnitude mask of the dense weight
-        agree = np.mean(np.asarray(argmax_nm_mask(start[path].mask_logits[...]))
+        agree = np.mean(np.asarray(argmax_nm_mask(logits_of(start[path])))
                         == np.asarray(nm_mask(dense_params[path].kernel[...])))
         assert agree > 0.95
     acc = EventAccumulator(str(tmp_path / "mask"), size_guidance={"scalars": 0})
@@ -273,5 +296,5 @@ def test_packed_layer_multiplies_by_the_learned_argmax_mask():
     lin.eval()
     expected = lin(x)
     lin.pack()
-    assert lin.mask_logits is None and lin.packed is not None
+    assert lin.sparsity is None and lin.packed is not None
     np.testing.assert_allclose(lin(x), expected, rtol=1e-6, atol=1e-6)

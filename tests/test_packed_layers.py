@@ -16,8 +16,8 @@ from flax import nnx
 
 from sparsejax.config import ConfigError
 from sparsejax.nn import Linear, pack_model, sparse_layers
-from sparsejax.sparsity import NMSpec
 from sparsejax.train import init_model, load_model, run
+from sparsejax.transforms.sparsity import STE
 
 FFN = "blocks/\\d+/mlp/(fc|proj)"
 
@@ -62,7 +62,7 @@ def test_packed_model_gives_the_same_outputs(tiny_gpt, dtype, tol):
 
 def test_layer_too_small_to_gain_stays_dense():
     layer = Linear(8, 4, rngs=nnx.Rngs(0))  # 2 groups padded to 32: packing would grow it
-    layer.set_sparsity(NMSpec("ste"))
+    layer.configure({"sparsity": STE()})
     assert pack_model(layer) == [] and layer.kernel is not None
 
 

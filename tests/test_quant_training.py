@@ -11,10 +11,20 @@ import pytest
 from flax import nnx
 
 from sparsejax.config import ConfigError
-from sparsejax.nn import Linear, quantized_layers
-from sparsejax.quant import QuantSpec
-from sparsejax.sparsity import NMSpec
+from sparsejax.nn import Linear, named_layers
+from sparsejax.quant import STAT_NAMES
 from sparsejax.train import init_model, load_model, run
+from sparsejax.transforms.quant import DAT, LSQ
+from sparsejax.transforms.sparsity import STE
+
+
+def quantized_layers(model):
+    return [(p, m) for p, m in named_layers(model)
+            if m.weight_quant is not None or m.act_quant is not None]
+
+
+def lsq_step(slot):
+    return float(slot.params["step"][...])
 
 LINEARS = "blocks/\\d+/(attn/(qkv|proj)|mlp/(fc|proj))"
 
@@ -60,8 +70,8 @@ def test_rules_configure_only_the_matched_layers(tiny_gpt):
     layers = dict(quantized_layers(model))
     assert list(layers) == ["blocks/0/mlp/fc"]
     layer = layers["blocks/0/mlp/fc"]
-    assert layer.weight_quant == QuantSpec("dat", 2) and layer.act_quant.method == "lsq"
-    assert layer.act_lsq is not None and layer.weight_lsq is None
+    assert layer.weight_quant.spec == DAT(bits=2) and layer.act_quant.spec == LSQ(bits=4)
+    assert "step" in layer.act_quant.params and not layer.weight_quant.params
 
 
 SLOW = pytest.mark.slow  # one GPT run each: the default suite keeps DAT
@@ -101,8 +111,8 @@ def test_lsq_steps_are_trained(tiny_gpt, tmp_path):
     run(cfg, verbose=False)
     model, _, _ = load_model(tmp_path / "run")
     for path, layer in quantized_layers(model):
-        assert float(layer.weight_lsq.step[...]) != float(before[path].weight_lsq.step[...])
-        assert float(layer.act_lsq.step[...]) != float(before[path].act_lsq.step[...])
+        assert lsq_step(layer.weight_quant) != lsq_step(before[path].weight_quant)
+        assert lsq_step(layer.act_quant) != lsq_step(before[path].act_quant)
 
 
 @pytest.mark.slow
@@ -145,19 +155,20 @@ def test_bfloat16_quantised_run_is_finite(tiny_gpt):
 
 def test_activation_quantisation_records_its_stats_in_the_layer():
     layer = Linear(64, 8, rngs=nnx.Rngs(0))
-    layer.set_quant(activations=QuantSpec("dat", 2, block_size=32))
+    layer.configure({"act_quant": DAT(bits=2, block_size=32)})
     x = jax.random.normal(jax.random.key(1), (5, 64))
     y = layer(x)
-    mse_naive, mse, scale, clip = np.asarray(layer.act_stats[...])
+    stats = layer.act_quant.metric_values()
+    assert set(stats) == set(STAT_NAMES)
+    mse_naive, mse, scale, clip = (float(stats[k]) for k in STAT_NAMES)
     assert y.shape == (5, 8) and 0 < mse < mse_naive and scale > 0 and clip == 0
-    q = layer.quantize_input(x)  # same input, same quantised values
+    q, _ = layer.act_quant.inference(x)  # same input, same quantised values
     np.testing.assert_allclose(y, q @ layer.kernel[...] + layer.bias[...], rtol=1e-5,
                                atol=1e-6)
 
 
 def test_lsq_weights_init_from_the_kernel_after_sparsity():
     layer = Linear(64, 8, rngs=nnx.Rngs(0))
-    layer.set_sparsity(NMSpec("ste"))
-    layer.set_quant(weights=QuantSpec("lsq", 4))
+    layer.configure({"sparsity": STE(), "weight_quant": LSQ(bits=4)})
     want = 2 * float(jnp.mean(jnp.abs(layer.kernel[...]))) / np.sqrt(7)
-    np.testing.assert_allclose(float(layer.weight_lsq.step[...]), want, rtol=1e-6)
+    np.testing.assert_allclose(lsq_step(layer.weight_quant), want, rtol=1e-6)

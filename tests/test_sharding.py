@@ -18,7 +18,13 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from sparsejax.config import ConfigError, MeshConfig
 from sparsejax.distributed import initialize, slurm_world
-from sparsejax.sharding import MESH_AXES, check_transform_sharding, mesh_shape, spec_for
+from sparsejax.sharding import (
+    MESH_AXES,
+    check_transform_sharding,
+    logical_axes,
+    mesh_shape,
+    spec_for,
+)
 from sparsejax.train import init_model, load_model, run
 from tests.conftest import REPO, TINY_GPT
 
@@ -53,27 +59,37 @@ def test_batch_must_divide_over_data_and_fsdp(tiny_gpt):
         tiny_gpt("mesh.fsdp=-1")
 
 
-def test_partition_specs_follow_the_logical_axis_rules():
+def test_partition_specs_follow_the_logical_axes_of_the_parameters(tiny_gpt):
+    model = init_model(tiny_gpt("rules=[{path: 'blocks/\\d+/.*', sparsity: {method: maskllm}}]"))
+    axes = logical_axes(model)  # declared where the model creates its parameters
+    assert axes["blocks/0/attn/qkv/kernel"] == ("embed", "heads")
+    assert axes["wte/embedding"] == ("vocab", "embed")
     mesh = abstract_mesh(2, 2, 2)
-    assert spec_for("blocks/0/attn/qkv/kernel", (32, 96), mesh) == PartitionSpec("fsdp", "tensor")
-    assert spec_for("blocks/1/mlp/proj/kernel", (128, 32), mesh) == PartitionSpec("tensor", "fsdp")
-    assert spec_for("0/mu/blocks/1/mlp/fc/bias", (128,), mesh) == PartitionSpec("tensor")
-    assert spec_for("blocks/0/ln_1/scale", (32,), mesh) == PartitionSpec()
-    assert spec_for("0/count", (), mesh) == PartitionSpec()
-    # MaskLLM logits (out, in // 4, 6) follow their kernel (in, out), candidates unsplit
-    assert spec_for("blocks/1/mlp/proj/mask_logits", (32, 32, 6), mesh) == \
-        PartitionSpec("fsdp", "tensor", None)
-    assert spec_for("blocks/0/attn/qkv/mask_logits", (96, 8, 6), mesh) == \
-        PartitionSpec("tensor", "fsdp", None)
+    assert spec_for("blocks/0/attn/qkv/kernel", (32, 96), mesh, axes) == \
+        PartitionSpec("fsdp", "tensor")
+    assert spec_for("blocks/1/mlp/proj/kernel", (128, 32), mesh, axes) == \
+        PartitionSpec("tensor", "fsdp")
+    # optimiser moments end in their parameter's path
+    assert spec_for("opt_state/0/mu/blocks/1/mlp/fc/bias", (128,), mesh, axes) == \
+        PartitionSpec("tensor")
+    assert spec_for("blocks/0/ln_1/scale", (32,), mesh, axes) == PartitionSpec()
+    assert spec_for("0/count", (), mesh, axes) == PartitionSpec()
+    # MaskLLM logits (out, in // 4, 6) follow their kernel (in, out), candidates unsplit:
+    # the transform declares it, not the sharding module
+    assert spec_for("blocks/1/mlp/proj/sparsity/params/mask_logits", (32, 32, 6), mesh,
+                    axes) == PartitionSpec("fsdp", "tensor", None)
+    assert spec_for("blocks/0/attn/qkv/sparsity/params/mask_logits", (96, 8, 6), mesh,
+                    axes) == PartitionSpec("tensor", "fsdp", None)
     # size-1 mesh axes are dropped: pure data parallelism replicates every parameter
-    assert spec_for("blocks/0/attn/qkv/kernel", (32, 96), abstract_mesh(8, 1, 1)) == \
+    assert spec_for("blocks/0/attn/qkv/kernel", (32, 96), abstract_mesh(8, 1, 1), axes) == \
         PartitionSpec(None, None)
 
 
 def test_dimension_that_does_not_divide_names_parameter_and_mesh_axis():
+    axes = {"blocks/0/mlp/fc/kernel": ("embed", "mlp")}
     with pytest.raises(ConfigError, match="'mesh.tensor': blocks/0/mlp/fc/kernel has 96 along "
                        "axis 1 .mlp., not divisible by mesh.tensor=5"):
-        spec_for("blocks/0/mlp/fc/kernel", (32, 96), abstract_mesh(1, 1, 5))
+        spec_for("blocks/0/mlp/fc/kernel", (32, 96), abstract_mesh(1, 1, 5), axes)
 
 
 @pytest.mark.parametrize("rule, mesh, needle", [

@@ -40,9 +40,10 @@ def test_sparse_training_keeps_exactly_n_per_group(tiny_gpt, tmp_path, method, n
         np.testing.assert_array_equal((groups != 0).sum(-1), n, err_msg=path)
         assert not np.array_equal(layer.kernel[...], initial[path].kernel[...])  # it trained
         if method == "sste":  # frozen at its initial value, carried by the checkpoint
-            assert float(layer.beta[...]) == float(initial[path].beta[...]) > 1.0
+            beta = float(layer.sparsity.state["beta"][...])
+            assert beta == float(initial[path].sparsity.state["beta"][...]) > 1.0
         if mvue:
-            assert int(layer.mvue_count[...]) == 20
+            assert int(layer.sparsity.state["count"][...]) == 20
 
 
 def test_sparsity_metrics_reach_tensorboard(tiny_gpt, tmp_path):

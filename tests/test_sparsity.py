@@ -10,7 +10,6 @@ import pytest
 from sparsejax.quant import fp8
 from sparsejax.sparse_linear import nm_linear
 from sparsejax.sparsity import (
-    NMSpec,
     flip_rate,
     mvue24,
     nm_mask,
@@ -20,6 +19,7 @@ from sparsejax.sparsity import (
     sste_scale,
     ste,
 )
+from sparsejax.transforms import SpecError, build_spec
 
 PATTERNS = [(1, 4), (2, 4), (4, 8)]
 DTYPES = [jnp.float32, jnp.bfloat16]
@@ -142,11 +142,13 @@ def test_invalid_patterns_raise_naming_shape_and_pattern(bad):
         soft_threshold(w, bad["n"], bad["m"])
 
 
-def test_nmspec_validates():
-    with pytest.raises(ValueError, match="not one of"):
-        NMSpec(method="magic")
-    with pytest.raises(ValueError, match="3:2"):
-        NMSpec(n=3, m=2)
+def test_sparsity_specs_validate_and_name_the_field():
+    with pytest.raises(SpecError, match="not one of") as err:
+        build_spec("sparsity", {"method": "magic"})
+    assert err.value.field == "method"
+    with pytest.raises(SpecError, match="3:2") as err:
+        build_spec("sparsity", {"method": "ste", "n": 3, "m": 2})
+    assert err.value.field == "n"
 
 
 # ------------------------------------------------------------------ gradients

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from sparsejax import analog, quant, sparsity
+from sparsejax.transforms.analog import AnalogSpec
 
 PATTERNS = [(1, 4), (2, 4), (3, 4), (2, 8), (4, 8)]
 # Shapes are drawn from a few sizes so that jit traces stay few; values are any finite
@@ -162,7 +163,7 @@ class TransformsUnderJitTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_analog_transforms(self):
-        spec = analog.AnalogSpec(dac_bits=6, adc_bits=6, out_noise=0.05, read_noise=0.02)
+        spec = AnalogSpec(dac_bits=6, adc_bits=6, out_noise=0.05, read_noise=0.02)
         x = jax.random.normal(jax.random.key(5), (5, 64))
         self._check(lambda xx, w: analog.analog_matmul(xx, w, spec, KEY), x, W)
         self._check(lambda w: analog.weight_noise(w, KEY, 0.1, "mult"), W)

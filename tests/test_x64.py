@@ -21,6 +21,7 @@ from sparsejax.kernels import log_bessel as lb
 from sparsejax.kernels import nm_matmul as nmk
 
 from sparsejax import analog, quant, sparsity, special
+from sparsejax.transforms.analog import AnalogSpec
 from tests.conftest import REPO
 
 KEY = jax.random.key(0)
@@ -47,7 +48,7 @@ DETERMINISTIC = {
     "dac": lambda w, x: analog.dac(w / 4, 8),
     "adc": lambda w, x: analog.adc(w, 8, 2.0),
     "analog_matmul": lambda w, x: analog.analog_matmul(
-        x, w, analog.AnalogSpec(dac_bits=8, adc_bits=8), None),
+        x, w, AnalogSpec(dac_bits=8, adc_bits=8), None),
     "nm_matmul_reference": lambda w, x: nmk.nm_matmul_reference(
         x, nmk.pack_nm(w, prune=True)),
     "nm_matmul_pallas": lambda w, x: nmk.nm_matmul(x, nmk.pack_nm(w, prune=True),
@@ -111,8 +112,8 @@ def test_float64_statistics_are_computed_in_float64():
         q, s_f, b_f = quant.quantize(jnp.asarray(base[:, None]), 2)
         assert q.dtype == s_f.dtype == jnp.float64
         assert float(s_f[0, 0]) == pytest.approx(127e-12 / 3, rel=1e-6)
-        _, stats = quant.quantize_with_stats(jnp.asarray(base[:, None]),
-                                             quant.QuantSpec("dat", 2), axis=0)
+        _, stats = quant.denoise_with_stats(jnp.asarray(base[:, None]), 2, True, 0.01, 128,
+                                            axis=0)
         assert all(v.dtype == jnp.float64 for v in stats.values())
 
 

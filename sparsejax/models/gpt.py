@@ -1,7 +1,8 @@
 """Decoder-only GPT (GPT-2 layout): pre-LayerNorm blocks, causal self-attention, GELU MLP,
 learned positions, optional tying of the output head to the token embedding.
 
-Module paths of the linear layers, for rules: ``blocks/<i>/attn/qkv``,
+Parameters carry logical axes for ``sparsejax.sharding`` (``embed``, ``heads``, ``mlp``,
+``vocab``). Module paths of the linear layers, for rules: ``blocks/<i>/attn/qkv``,
 ``blocks/<i>/attn/proj``, ``blocks/<i>/mlp/fc``, ``blocks/<i>/mlp/proj`` and, untied,
 ``lm_head``; the MLP's activation (for analog activation noise): ``blocks/<i>/mlp/act``.
 """
@@ -29,8 +30,10 @@ class CausalSelfAttention(nnx.Module):
         self.n_head = n_head
         self.dropout_rate = dropout_rate
         init = nnx.initializers.normal(0.02)
-        self.qkv = Linear(n_embd, 3 * n_embd, kernel_init=init, dtype=dtype, rngs=rngs)
-        self.proj = Linear(n_embd, n_embd, kernel_init=resid_init, dtype=dtype, rngs=rngs)
+        self.qkv = Linear(n_embd, 3 * n_embd, kernel_init=init, axes=("embed", "heads"),
+                          dtype=dtype, rngs=rngs)
+        self.proj = Linear(n_embd, n_embd, kernel_init=resid_init, axes=("heads", "embed"),
+                           dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
         """``x``: (B, T, C) -> (B, T, C)."""
@@ -47,9 +50,11 @@ class MLP(nnx.Module):
                  dropout_rate: float, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.dropout_rate = dropout_rate
         init = nnx.initializers.normal(0.02)
-        self.fc = Linear(n_embd, hidden, kernel_init=init, dtype=dtype, rngs=rngs)
+        self.fc = Linear(n_embd, hidden, kernel_init=init, axes=("embed", "mlp"), dtype=dtype,
+                         rngs=rngs)
         self.act = Activation("gelu")
-        self.proj = Linear(hidden, n_embd, kernel_init=resid_init, dtype=dtype, rngs=rngs)
+        self.proj = Linear(hidden, n_embd, kernel_init=resid_init, axes=("mlp", "embed"),
+                           dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
         return dropout(self.proj(self.act(self.fc(x))), self.dropout_rate, key)
@@ -87,15 +92,15 @@ class GPT(nnx.Module):
         self.block_size = block_size
         self.dropout_rate = dropout_rate
         resid_init = nnx.initializers.normal(0.02 / math.sqrt(2 * n_layer))
-        self.wte = Embed(vocab_size, n_embd, dtype=dtype, rngs=rngs)
-        self.wpe = Embed(block_size, n_embd, dtype=dtype, rngs=rngs)
+        self.wte = Embed(vocab_size, n_embd, axes=("vocab", "embed"), dtype=dtype, rngs=rngs)
+        self.wpe = Embed(block_size, n_embd, axes=(None, "embed"), dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([
             Block(n_embd, n_head, mlp_ratio, resid_init=resid_init, dropout_rate=dropout_rate,
                   dtype=dtype, rngs=rngs) for _ in range(n_layer)])
         self.ln_f = LayerNorm(n_embd, dtype=dtype)
         self.lm_head = None if tie_embeddings else Linear(
             n_embd, vocab_size, use_bias=False, kernel_init=nnx.initializers.normal(0.02),
-            dtype=dtype, rngs=rngs)
+            axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
 
     def __call__(self, ids: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         t = ids.shape[-1]

@@ -21,7 +21,7 @@ class MLPClassifier(nnx.Module):
                  rngs: nnx.Rngs):
         sizes = [in_features, *hidden]
         self.dropout_rate = dropout_rate
-        self.layers = nnx.List([Linear(a, b, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([Linear(a, b, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
                                 for a, b in zip(sizes[:-1], sizes[1:], strict=True)])
         self.acts = nnx.List([Activation("gelu") for _ in hidden])
         self.head = Linear(sizes[-1], num_classes, dtype=dtype, rngs=rngs)

@@ -3,19 +3,22 @@
 A module path is the ``/``-joined attribute path from the model root, e.g.
 ``blocks/0/mlp/fc``. A rule's ``path`` is matched with ``re.fullmatch``; like qwix, the
 first rule that matches a layer wins, and the user's model code is never edited. Rules are
-any objects with a ``path`` attribute and optional transform specs (``sparsity``;
-``quant`` with ``weights`` / ``activations``; ``analog``), e.g. the config's
-``RuleConfig``. ``Linear`` layers are matched by every rule; ``Activation`` layers only by
-rules that carry an ``analog`` block (the one transform they take), so a broad sparsity
-rule such as ``blocks/.*`` does not claim them.
+any objects (or dicts) with a ``path`` and optional transform blocks - ``sparsity``;
+``quant`` with ``weights`` / ``activations``; ``analog`` - each a dict with a ``method``
+(``sparsejax.transforms``) or a spec object, e.g. the config's ``RuleConfig``. ``Linear``
+layers are matched by every rule; ``Activation`` layers only by rules that carry an
+``analog`` block (the one transform they take), so a broad sparsity rule such as
+``blocks/.*`` does not claim them.
+
+This module also reads the transforms back out of a configured model, whatever their
+method: loss terms, metrics, snapshots, optimiser groups.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -23,16 +26,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.analog import AnalogSpec
-from sparsejax.nn.layers import MASK_STAT_NAMES, Activation, Linear
-from sparsejax.quant import STAT_NAMES, QuantSpec
-from sparsejax.sparsity import NMSpec, flip_rate, threshold_nm
+from sparsejax.nn.layers import Activation, Linear
+from sparsejax.nn.slots import TransformSlot
+from sparsejax.transforms import ParamGroup, rule_specs
 
-__all__ = ["analog_layers", "apply_rules", "assign_rules", "layer_metrics", "mask_choice_changes",
-           "mask_choices", "mask_layers", "mask_training_options", "named_layers",
-           "quant_metrics", "quantized_layers", "regularization_loss", "sparse_layers"]
+__all__ = ["analog_layers", "apply_rules", "assign_rules", "layer_metrics", "loss_terms",
+           "named_layers", "param_labels", "rule_specs", "snapshot_changes", "snapshots",
+           "sparse_layers", "transform_slots"]
 
-NEAR_THRESHOLD = 1e-3  # weights within 1e-3 of their group threshold: the ones about to flip
+# How a stage's metrics are logged: (per-layer key prefix, aggregate key prefix).
+STAGE_LOG_KEYS = {"sparsity": ("sparsity/{path}", "sparsity"),
+                  "weight_quant": ("quant/{path}/weights", "quant/weights"),
+                  "act_quant": ("quant/{path}/activations", "quant/activations"),
+                  "analog": ("analog/{path}", "analog")}
 
 
 def named_layers(model: nnx.Module, types: tuple[type, ...] = (Linear,)
@@ -41,6 +47,10 @@ def named_layers(model: nnx.Module, types: tuple[type, ...] = (Linear,)
     order: attributes sorted by name)."""
     return [("/".join(str(p) for p in path), node)
             for path, node in nnx.iter_graph(model) if isinstance(node, types)]
+
+
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
 def assign_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
@@ -52,7 +62,8 @@ def assign_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
     """
     linears = [path for path, _ in named_layers(model, (Linear,))]
     activations = [path for path, _ in named_layers(model, (Activation,))]
-    compiled = [re.compile(rule.path) for rule in rules]
+    compiled = [re.compile(rule.path if not isinstance(rule, dict) else rule["path"])
+                for rule in rules]
     eligible = [linears + (activations if _field(rule, "analog") is not None else [])
                 for rule in rules]
     assignment: dict[str, int] = {}
@@ -74,188 +85,148 @@ def assign_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
     return assignment
 
 
-def _field(obj: Any, name: str) -> Any:
-    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-
-
-def _spec(cls: type, values: Any) -> Any:
-    """``cls`` (a dataclass) from an object or dict, ignoring fields ``cls`` lacks."""
-    if values is None:
-        return None
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = values if isinstance(values, dict) else vars(values)
-    return cls(**{k: v for k, v in values.items() if k in fields})
-
-
 def apply_rules(model: nnx.Module, rules: Sequence[Any], total_steps: int | None = None
                 ) -> dict[str, int]:
     """Configure, in place, every layer the rules select; returns ``{path: rule index}``.
 
-    A rule's ``sparsity`` (an object or dict with the fields of ``NMSpec``) makes the
-    matched ``Linear`` layers N:M sparse; its ``quant.weights`` / ``quant.activations``
-    (fields of ``QuantSpec``) quantise them, after the sparsity; its ``analog`` (fields of
-    ``sparsejax.analog.AnalogSpec``) simulates matched ``Linear`` layers on analog tiles
-    and adds activation noise to matched ``Activation`` layers. ``total_steps``: the
-    length of MaskLLM's schedules when a rule leaves ``schedule_steps`` at 0. Errors name
-    the rule and the layer.
+    Matched ``Linear`` layers get the rule's blocks as the stages of their pipeline
+    (sparsity, weight / activation quantisation, analog tile); matched ``Activation``
+    layers its analog block. Each layer's draws are keyed by a seed from its path.
+    ``total_steps``: the run length for schedules a spec leaves at 0 (MaskLLM's). Errors
+    name the rule and the layer.
     """
     assignment = assign_rules(model, rules)
     layers = dict(named_layers(model, (Linear, Activation)))
     for path, index in assignment.items():
-        sparsity, quant = _field(rules[index], "sparsity"), _field(rules[index], "quant")
-        analog = _field(rules[index], "analog")
-        seed = zlib.crc32(path.encode())
-        if isinstance(layers[path], Activation):
-            layers[path].set_analog(_spec(AnalogSpec, analog), seed=seed)
-            continue
         try:
-            if sparsity is not None:
-                layers[path].set_sparsity(_spec(NMSpec, sparsity), seed=seed,
-                                          total_steps=total_steps)
-            if quant is not None:
-                layers[path].set_quant(_spec(QuantSpec, _field(quant, "weights")),
-                                       _spec(QuantSpec, _field(quant, "activations")))
-            if analog is not None:
-                layers[path].set_analog(_spec(AnalogSpec, analog), seed=seed)
+            specs = {stage: spec.bind(total_steps)
+                     for stage, (_, spec) in rule_specs(rules[index]).items()}
+            if isinstance(layers[path], Activation):
+                specs = {k: v for k, v in specs.items() if k == "analog"}
+            layers[path].configure(specs, seed=zlib.crc32(path.encode()))
         except ValueError as err:
             raise ValueError(f"rules.{index} on layer {path}: {err}") from None
     return assignment
 
 
+def transform_slots(model: nnx.Module
+                    ) -> Iterator[tuple[str, nnx.Module, str, TransformSlot]]:
+    """``(layer path, layer, stage, slot)`` of every configured transform."""
+    for path, layer in named_layers(model, (Linear, Activation)):
+        for stage, slot in layer.slots():
+            yield path, layer, stage, slot
+
+
 def analog_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
-    """The ``Linear`` and ``Activation`` layers that carry an analog spec."""
+    """The ``Linear`` and ``Activation`` layers that carry an analog transform."""
     return [(p, m) for p, m in named_layers(model, (Linear, Activation))
             if m.analog is not None]
 
 
 def sparse_layers(model: nnx.Module) -> list[tuple[str, Linear]]:
+    """The ``Linear`` layers whose weight transforms leave exact zeros (pruned weights)."""
     return [(p, m) for p, m in named_layers(model)
-            if m.sparsity is not None and m.sparsity.method != "dense"]
+            if any(s.role == "weights" and s.spec.produces_zeros for _, s in m.slots())]
 
 
-def mask_layers(model: nnx.Module) -> list[tuple[str, Linear]]:
-    """The MaskLLM layers (learned N:M masks) of ``model``."""
-    return [(p, m) for p, m in sparse_layers(model) if m.mask_logits is not None]
+def loss_terms(model: nnx.Module) -> dict[str, jax.Array]:
+    """The terms the transforms add to the training objective, summed over layers by
+    name (MaskLLM: ``regularizer``), from the metrics of their last call - called inside
+    the loss function right after the forward, they carry the gradient."""
+    terms: dict[str, jax.Array] = {}
+    for _, _, _, slot in transform_slots(model):
+        for name in slot.spec.loss_terms:
+            terms[name] = terms.get(name, jnp.zeros(())) + slot.metrics[name][...]
+    return terms
 
 
-def regularization_loss(model: nnx.Module) -> jax.Array:
-    """The sum of the regulariser terms the layers recorded in their last training call
-    (MaskLLM: ``-lambda_t * sum (W * M)^2``); 0 without such layers. Called on the model
-    inside the loss function right after its forward, it carries the gradient."""
-    return sum((m.mask_stats[...][0] for _, m in mask_layers(model)), jnp.zeros(()))
+def _raw(layer: nnx.Module, slot: TransformSlot) -> jax.Array | None:
+    return layer.kernel[...] if slot.role == "weights" else None
 
 
-def mask_training_options(model: nnx.Module) -> tuple[bool, float]:
-    """``(freeze_weights, mask_lr_mult)`` of the model's MaskLLM layers (``(False, 1.0)``
-    without any). Raises ``ValueError`` when layers disagree (both options act on the
-    whole optimiser)."""
-    options = {(m.sparsity.freeze_weights, m.sparsity.mask_lr_mult)
-               for _, m in mask_layers(model)}
-    if len(options) > 1:
-        raise ValueError("maskllm rules disagree on freeze_weights / mask_lr_mult "
-                         f"({sorted(options)}); they apply to the whole optimiser")
-    return options.pop() if options else (False, 1.0)
-
-
-def mask_choices(model: nnx.Module) -> dict[str, jax.Array]:
-    """``{path: argmax candidate index per group}`` of every MaskLLM layer (int32,
-    the logits' shape without the candidate axis)."""
-    return {p: jnp.argmax(m.mask_logits[...], -1) for p, m in mask_layers(model)}
-
-
-def mask_choice_changes(before: dict[str, Any], after: dict[str, Any]
-                        ) -> dict[str, float]:
-    """``sparsity/<path>/mask_changed``: the fraction of groups whose argmax candidate
-    differs between two :func:`mask_choices` (e.g. the last two log points), plus the
-    size-weighted ``sparsity/mask_changed``."""
-    out: dict[str, float] = {}
-    total, count = 0.0, 0
-    for path, choice in after.items():
-        changed = float(np.mean(np.asarray(before[path]) != np.asarray(choice)))
-        out[f"sparsity/{path}/mask_changed"] = changed
-        total += changed * np.size(choice)
-        count += np.size(choice)
-    if count:
-        out["sparsity/mask_changed"] = total / count
-    return out
-
-
-def quantized_layers(model: nnx.Module) -> list[tuple[str, Linear]]:
-    return [(p, m) for p, m in named_layers(model)
-            if m.weight_quant is not None or m.act_quant is not None]
-
-
-def _size_weighted(out: dict[str, jax.Array], prefix: str,
+def _size_weighted(out: dict[str, jax.Array],
                    totals: dict[str, list[tuple[jax.Array, int]]]) -> None:
-    for name, values in totals.items():
+    for key, values in totals.items():
         size = sum(n for _, n in values)
-        out[f"{prefix}/{name}"] = sum(v * (n / size) for v, n in values)
-
-
-def quant_metrics(model: nnx.Module) -> dict[str, jax.Array]:
-    """Per quantised layer, ``quant/<path>/{weights,activations}/<stat>`` for the stats of
-    ``sparsejax.quant.quantize_with_stats`` (``mse_naive`` = before denoising, ``mse`` =
-    after, ``scale`` = mean s_g for DAT, ``clip_frac``), plus size-weighted aggregates
-    ``quant/{weights,activations}/<stat>``. Activation stats are those of the layer's
-    last call (the training batch of this step)."""
-    out: dict[str, jax.Array] = {}
-    totals: dict[str, dict[str, list]] = {"weights": {}, "activations": {}}
-    for path, layer in quantized_layers(model):
-        found = {}
-        if layer.weight_quant is not None:
-            found["weights"] = (layer.effective_kernel_with_stats()[1], layer.kernel.size)
-        if layer.act_stats is not None:
-            found["activations"] = (dict(zip(STAT_NAMES, layer.act_stats[...], strict=True)),
-                                    layer.in_features)
-        for tensor, (stats, size) in found.items():
-            for name, value in stats.items():
-                out[f"quant/{path}/{tensor}/{name}"] = value
-                totals[tensor].setdefault(name, []).append((value, size))
-    for tensor, values in totals.items():
-        _size_weighted(out, f"quant/{tensor}", values)
-    return out
+        out[key] = sum(v * (n / size) for v, n in values)
 
 
 def layer_metrics(before: nnx.Module, after: nnx.Module) -> dict[str, jax.Array]:
-    """What researchers watch in N:M training, per sparse layer and in aggregate, between
-    the model before and after one optimiser step:
-
-    * ``sparsity``: fraction of zeros in the effective weight (realised sparsity);
-    * ``flip_rate``: fraction of mask entries that changed in this step;
-    * ``near_threshold``: fraction of weights whose magnitude lies within 1e-3 of their
-      group's threshold tau, not counting the pruned entry that defines tau;
-    * ``beta``: S-STE's frozen scale;
-    * MaskLLM layers: ``flip_rate`` of their argmax masks (``near_threshold`` does not
-      apply), and from the step's forward the :data:`MASK_STAT_NAMES` (regulariser term,
-      mean candidate entropy in nats, mean |soft - hard| mask gap, tau, kappa).
-
-    Keys: ``sparsity/<path>/<metric>`` and the size-weighted ``sparsity/<metric>``; plus
-    the quantisation diagnostics of :func:`quant_metrics` for the model after the step.
-    """
-    old = dict(sparse_layers(before))
+    """Every transform's metrics between the model before and after one optimiser step:
+    those of its last call (recorded by the step's forward) and its
+    :meth:`~sparsejax.transforms.Transform.step_metrics`. Keys: ``<prefix>/<name>`` per
+    layer and the size-weighted ``<aggregate>/<name>`` (prefixes in
+    :data:`STAGE_LOG_KEYS`: ``sparsity/<path>/flip_rate``, ``sparsity/flip_rate``,
+    ``quant/<path>/weights/mse``, ``quant/weights/mse``, ...)."""
+    old = {(p, stage): (layer, slot) for p, layer, stage, slot in transform_slots(before)}
     out: dict[str, jax.Array] = {}
     totals: dict[str, list[tuple[jax.Array, int]]] = {}
-    for path, layer in sparse_layers(after):
-        spec, w = layer.sparsity, layer.kernel[...]
-        if layer.mask_logits is not None:
-            before_mask = old[path].effective_kernel() != 0
-            w_eff = layer.effective_kernel()
-            stats = {"sparsity": jnp.mean(w_eff == 0),
-                     "flip_rate": jnp.mean(before_mask != (w_eff != 0)),
-                     **dict(zip(MASK_STAT_NAMES, layer.mask_stats[...], strict=True))}
-        else:
-            tau = threshold_nm(w, spec.n, spec.m, 0)
-            near = jnp.sum(jnp.abs(jnp.abs(w) - tau) < NEAR_THRESHOLD) - w.size // spec.m
-            stats = {
-                "sparsity": jnp.mean(layer.effective_kernel() == 0),
-                "flip_rate": flip_rate(old[path].kernel[...], w, spec.n, spec.m, 0),
-                "near_threshold": near / w.size,
-            }
-        if layer.beta is not None:
-            out[f"sparsity/{path}/beta"] = layer.beta[...]
-        for name, value in stats.items():
-            out[f"sparsity/{path}/{name}"] = value
-            totals.setdefault(name, []).append((value, w.size))
-    _size_weighted(out, "sparsity", totals)
-    out.update(quant_metrics(after))
+    for path, layer, stage, slot in transform_slots(after):
+        old_layer, old_slot = old[(path, stage)]
+        metrics = {**slot.metric_values(),
+                   **slot.spec.step_metrics(slot.site, old_slot.view(_raw(old_layer, old_slot)),
+                                            slot.view(_raw(layer, slot)))}
+        per_layer, aggregate = STAGE_LOG_KEYS[stage]
+        for name, value in metrics.items():
+            out[f"{per_layer.format(path=path)}/{name}"] = value
+            if name not in slot.spec.per_layer_metrics:
+                totals.setdefault(f"{aggregate}/{name}", []).append((value, slot.site.size))
+    _size_weighted(out, totals)
     return out
+
+
+def snapshots(model: nnx.Module) -> dict[str, dict[str, jax.Array]]:
+    """``{aggregate key: {per-layer key: snapshot}}`` of the transforms that summarise a
+    discrete choice (MaskLLM: the argmax candidate of every group), keyed
+    ``<prefix>/<snapshot_name>_changed`` as :func:`snapshot_changes` logs them."""
+    out: dict[str, dict[str, jax.Array]] = {}
+    for path, layer, stage, slot in transform_slots(model):
+        snap = slot.spec.snapshot(slot.site, slot.view(_raw(layer, slot)))
+        if snap is None:
+            continue
+        per_layer, aggregate = STAGE_LOG_KEYS[stage]
+        name = f"{slot.spec.snapshot_name}_changed"
+        out.setdefault(f"{aggregate}/{name}", {})[f"{per_layer.format(path=path)}/{name}"] = snap
+    return out
+
+
+def snapshot_changes(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]
+                     ) -> dict[str, float]:
+    """The fraction of each snapshot that changed between two :func:`snapshots` (e.g.
+    the last two log points), per layer and size-weighted per aggregate key."""
+    out: dict[str, float] = {}
+    for aggregate, layers in after.items():
+        total, count = 0.0, 0
+        for key, snap in layers.items():
+            changed = float(np.mean(np.asarray(before[aggregate][key]) != np.asarray(snap)))
+            out[key] = changed
+            total, count = total + changed * np.size(snap), count + np.size(snap)
+        if count:
+            out[aggregate] = total / count
+    return out
+
+
+def param_labels(model: nnx.Module) -> tuple[Any, dict[str, ParamGroup]]:
+    """The optimiser partition the transforms ask for: a pytree like
+    ``nnx.state(model, nnx.Param)`` of labels (``"weights"``, or the name of the
+    :class:`~sparsejax.transforms.ParamGroup` of the transform owning the parameter) and
+    ``{name: group}``. Raises ``ValueError`` when two transforms ask for different
+    groups under one name."""
+    groups: dict[str, ParamGroup] = {}
+    owners: dict[str, str] = {}
+    for path, _, stage, slot in transform_slots(model):
+        group = slot.spec.param_group()
+        if group is None or not slot.params:
+            continue
+        if groups.setdefault(group.name, group) != group:
+            raise ValueError(f"{slot.spec.kind} '{slot.spec.method}' transforms disagree on "
+                             f"their optimiser group '{group.name}' ({groups[group.name]} vs "
+                             f"{group}): it applies to the whole optimiser")
+        for name in slot.params:
+            owners["/".join(p for p in (path, stage, "params", name) if p)] = group.name
+
+    def label(path: tuple[Any, ...], _: Any) -> str:
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        return owners.get("/".join(k for k in keys if k != "value"), "weights")
+
+    return jax.tree_util.tree_map_with_path(label, nnx.state(model, nnx.Param)), groups

@@ -1,0 +1,97 @@
+"""A transform placed on one site of a layer: the spec (static) and its three explicit
+dicts of NNX variables - trainable ``params``, checkpointed ``state``, last-call
+``metrics`` - so that Orbax saves them, GSPMD shards them and the optimiser finds them
+like any other variable. The pure hooks of the spec do the work."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.transforms import Context, Site, Transform, View
+
+__all__ = ["TransformMetrics", "TransformParam", "TransformSlot", "TransformState"]
+
+
+class TransformParam(nnx.Param):
+    """A transform's trainable array (MaskLLM's logits, LSQ's step)."""
+
+
+class TransformState(nnx.Variable):
+    """A transform's non-trainable state (S-STE's frozen beta, draw counters):
+    checkpointed, never touched by the optimiser."""
+
+
+class TransformMetrics(nnx.Variable):
+    """What a transform measured in its layer's last call (read by the trainer)."""
+
+
+def _values(variables: nnx.Dict) -> dict[str, jax.Array]:
+    return {k: v[...] for k, v in variables.items()}
+
+
+class TransformSlot(nnx.Module):
+    """``spec`` acting on ``site``. ``x``: the tensor at set-up (the kernel for weights,
+    None otherwise); ``seed`` keys the spec's initial draws and, through the layer's
+    :class:`~sparsejax.transforms.Context`, its per-call draws. ``kernel_axes``: the
+    logical axes of the layer's kernel, from which the spec derives its params' axes."""
+
+    def __init__(self, spec: Transform, site: Site, x: jax.Array | None, seed: int,
+                 kernel_axes: tuple[str | None, ...] = (None, None)):
+        if site.role not in spec.roles:
+            raise ValueError(f"{spec.kind} method '{spec.method}' cannot act on "
+                             f"{site.role} (it acts on {', '.join(spec.roles)})")
+        spec.check_site(site)
+        self.spec = spec
+        self.role, self.shape = site.role, tuple(site.shape)
+        key = jax.random.key(seed)
+        axes = spec.param_axes(site, kernel_axes)
+        self.params = nnx.Dict({k: TransformParam(jnp.asarray(v), logical_axes=axes.get(k))
+                                for k, v in spec.params(site, x, key).items()})
+        self.state = nnx.Dict({k: TransformState(jnp.asarray(v))
+                               for k, v in spec.init(site, x, key).items()})
+        example = x if x is not None else jax.ShapeDtypeStruct(site.shape, jnp.float32)
+        shapes = jax.eval_shape(
+            lambda p, s, v: spec.apply(v, p, s, site, Context(True, jax.random.key(0)))[2],
+            _values(self.params), _values(self.state), example)
+        self.metrics = nnx.Dict({k: TransformMetrics(jnp.zeros(v.shape, v.dtype))
+                                 for k, v in shapes.items()})
+
+    @property
+    def site(self) -> Site:
+        return Site(self.role, self.shape)
+
+    def view(self, x: jax.Array | None) -> View:
+        """The slot's arrays now, with ``x`` the untransformed tensor."""
+        return View(x, _values(self.params), _values(self.state))
+
+    def metric_values(self) -> dict[str, jax.Array]:
+        return _values(self.metrics)
+
+    def _store(self, state: dict[str, jax.Array], metrics: dict[str, jax.Array]) -> None:
+        for name, value in state.items():
+            if value is not self.state[name][...]:
+                self.state[name][...] = value
+        for name, value in metrics.items():
+            self.metrics[name][...] = value
+
+    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
+        """``spec.apply`` on ``x``; records the new state and the call's metrics."""
+        y, state, metrics = self.spec.apply(x, _values(self.params), _values(self.state),
+                                            self.site, ctx)
+        self._store(state, metrics)
+        return y
+
+    def matmul(self, x: jax.Array, w: jax.Array, ctx: Context) -> jax.Array:
+        """``spec.matmul``; records the new state."""
+        y, state = self.spec.matmul(x, w, _values(self.state), ctx)
+        self._store(state, {})
+        return y
+
+    def inference(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``x`` in inference form and the metrics of that call (no draws, no state
+        change)."""
+        y, _, metrics = self.spec.apply(x, _values(self.params), _values(self.state),
+                                        self.site, Context(False, jax.random.key(0)))
+        return y, metrics

@@ -1,0 +1,33 @@
+"""Transforms: one registered spec class per sparsity, quantisation or analog method.
+
+``sparsejax.transforms.base`` defines the protocol and the registry; the methods live one
+per file under ``sparsity/``, ``quant/`` and ``analog/`` and register themselves by name
+when this package is imported. Adding a method: ``docs/adding-a-method.md``.
+"""
+
+from sparsejax.transforms import analog, quant, sparsity
+from sparsejax.transforms.base import (
+    DEFAULT_METHOD,
+    RULE_BLOCKS,
+    WEIGHT_STAGES,
+    Context,
+    Metrics,
+    ParamGroup,
+    Site,
+    SpecError,
+    Transform,
+    View,
+    build_spec,
+    check_pipeline,
+    methods,
+    register,
+    rule_specs,
+    select_matmul,
+    spec_class,
+    spec_fields,
+)
+
+__all__ = ["DEFAULT_METHOD", "RULE_BLOCKS", "WEIGHT_STAGES", "Context", "Metrics",
+           "ParamGroup", "Site", "SpecError", "Transform", "View", "analog", "build_spec",
+           "check_pipeline", "methods", "quant", "register", "rule_specs", "select_matmul",
+           "spec_class", "spec_fields", "sparsity"]

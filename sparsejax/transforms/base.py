@@ -1,0 +1,366 @@
+"""The transform protocol: one frozen spec class per method, with pure functions over
+explicit state (optax's ``init`` / ``update`` pair; Qwix's frozen, keyword-only rule).
+
+A *transform* changes what one site of a layer computes with: the weights of a
+``Linear`` (sparsify, quantise, simulate an analog tile), its input activations
+(quantise), or the output of an ``Activation`` (analog noise). Its spec class *is* the
+schema of its config block: ``sparsity: {method: sste, n: 2, m: 4}`` builds
+``SSTE(n=2, m=4)`` through :func:`build_spec`, and the spec's own checks name the field
+they reject (:class:`SpecError`), once, in one place.
+
+Every hook is a pure function of arrays. State lives in three explicit dicts the layer
+keeps as NNX variables (so Orbax checkpoints and GSPMD shards them without special
+cases): trainable ``params`` (MaskLLM's logits, LSQ's step), non-trainable ``state``
+(S-STE's frozen beta, draw counters) and the ``metrics`` of the last call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+
+__all__ = ["DEFAULT_METHOD", "RULE_BLOCKS", "WEIGHT_STAGES", "Context", "Metrics",
+           "ParamGroup", "Site", "SpecError", "Transform", "View", "build_spec",
+           "check_pipeline", "methods", "register", "rule_specs", "select_matmul",
+           "spec_class", "spec_fields"]
+
+Metrics = dict[str, jax.Array]
+State = dict[str, jax.Array]
+
+
+class SpecError(ValueError):
+    """A spec field that cannot be used; ``field`` names it, so the config reports
+    ``rules.<i>.<block>.<field>``. ``unknown``: the field does not exist for the method."""
+
+    def __init__(self, field: str, message: str, *, unknown: bool = False):
+        super().__init__(message)
+        self.field = field
+        self.unknown = unknown
+
+
+class Site(NamedTuple):
+    """Where a transform acts. ``role``: ``weights`` (a kernel ``(in, out)``, contracting
+    axis 0), ``activations`` (a layer's input, features on axis -1) or ``outputs`` (an
+    activation layer's output); ``shape``: the kernel's shape, or ``(features,)``."""
+
+    role: str
+    shape: tuple[int, ...]
+
+    @property
+    def axis(self) -> int:
+        """The contracting axis along which groups and blocks run."""
+        return 0 if self.role == "weights" else -1
+
+    @property
+    def size(self) -> int:
+        """The number of entries the site's statistics average over (aggregation weight)."""
+        return math.prod(self.shape)
+
+
+class Context(NamedTuple):
+    """What a call knows besides its arrays: ``training`` (False in ``model.eval()``) and
+    the layer's base PRNG key (from its path); a transform folds its own checkpointed call
+    counter into it for a fresh, resumable draw per call."""
+
+    training: bool
+    key: jax.Array
+
+
+class View(NamedTuple):
+    """A transform's arrays at one moment: the untransformed tensor and its dicts."""
+
+    x: jax.Array
+    params: State
+    state: State
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """An optimiser group for a transform's trainable params: its own Adam with the
+    learning rate times ``lr_mult``, no weight decay; ``freeze_others``: every parameter
+    outside such groups is frozen (no update, no gradient GEMMs)."""
+
+    name: str
+    lr_mult: float = 1.0
+    freeze_others: bool = False
+
+
+_REGISTRY: dict[str, dict[str, type[Transform]]] = {}
+# The method a block without ``method:`` gets (the configs' historical defaults).
+DEFAULT_METHOD = {"sparsity": "sste", "quant": "dat", "analog": "tile"}
+
+
+def register(kind: str, method: str):
+    """Class decorator: make a spec class available to configs as ``{kind}: {method:
+    <method>}`` (``kind``: ``sparsity``, ``quant`` or ``analog``)."""
+
+    def wrap(cls: type[Transform]) -> type[Transform]:
+        table = _REGISTRY.setdefault(kind, {})
+        if method in table and table[method] is not cls:
+            raise ValueError(f"{kind} method '{method}' is registered twice "
+                             f"({table[method].__module__} and {cls.__module__})")
+        cls.kind, cls.method = kind, method
+        table[method] = cls
+        return cls
+
+    return wrap
+
+
+def methods(kind: str) -> tuple[str, ...]:
+    """The registered method names of ``kind``, sorted."""
+    return tuple(sorted(_REGISTRY.get(kind, {})))
+
+
+def spec_class(kind: str, method: str) -> type[Transform]:
+    if kind not in _REGISTRY:
+        raise SpecError("method", f"no transforms of kind '{kind}'")
+    if method not in _REGISTRY[kind]:
+        raise SpecError("method", f"{kind} method '{method}' is not one of "
+                        f"{'|'.join(methods(kind))}")
+    return _REGISTRY[kind][method]
+
+
+def _close(name: str, options: Sequence[str]) -> str:
+    found = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" (did you mean '{found[0]}'?)" if found else ""
+
+
+def build_spec(kind: str, fields: Mapping[str, Any]) -> Transform:
+    """The spec of a config block: ``{"method": name, <field>: value, ...}`` (``method``
+    defaults to :data:`DEFAULT_METHOD`). Raises :class:`SpecError` naming the field."""
+    fields = dict(fields)
+    cls = spec_class(kind, fields.pop("method", DEFAULT_METHOD[kind]))
+    known = [f.name for f in dataclasses.fields(cls)]
+    for name, value in list(fields.items()):
+        if name in known:
+            continue
+        # A field of a sibling method left at its default is what a config written for
+        # that method carries (``method=ste`` on an S-STE config, ``method=absmax_ste`` on
+        # a DAT one): ignored. Set to anything else, the user expects it to act: refused.
+        defaults = [f.default for other in _REGISTRY[kind].values()
+                    for f in dataclasses.fields(other) if f.name == name]
+        if defaults and all(value == d for d in defaults):
+            del fields[name]
+            continue
+        raise SpecError(name, f"{kind} method '{cls.method}' has no field '{name}'"
+                        f"{_close(name, known)}; its fields: {', '.join(known) or 'none'}",
+                        unknown=not defaults)
+    return cls(**fields)
+
+
+def spec_fields(spec: Transform) -> dict[str, Any]:
+    """The config block of ``spec``: ``{"method": ..., <every field>: value}``."""
+    return {"method": spec.method, **dataclasses.asdict(spec)}
+
+
+def _coerce(cls: type, name: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against a field's annotation (bool / int / float / str)."""
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SpecError(name, f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise SpecError(name, f"{name} must be a finite number, got {value}")
+        return float(value)
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise SpecError(name, f"{name} must be an integer, got {value!r}")
+    if hint is bool and not isinstance(value, bool):
+        raise SpecError(name, f"{name} must be true or false, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise SpecError(name, f"{name} must be a string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class Transform:
+    """Base of every spec. Subclasses are frozen, keyword-only dataclasses whose fields are
+    the method's settings; they override the hooks they need. Hooks take the
+    :class:`Site` and never see a module."""
+
+    kind: ClassVar[str] = ""
+    method: ClassVar[str] = ""
+    # Sites the method can act on (``weights``, ``activations``, ``outputs``).
+    roles: ClassVar[tuple[str, ...]] = ("weights",)
+    # Metric names whose values are terms of the training objective (summed over layers).
+    loss_terms: ClassVar[tuple[str, ...]] = ()
+    # Metrics logged per layer only (no size-weighted aggregate).
+    per_layer_metrics: ClassVar[tuple[str, ...]] = ()
+    # Fields that configure the whole optimiser: every rule using the method must agree.
+    optimizer_fields: ClassVar[tuple[str, ...]] = ()
+    # The name of the discrete choice :meth:`snapshot` returns (logged as ``<name>_changed``).
+    snapshot_name: ClassVar[str] = "mask"
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _coerce(type(self), f.name, getattr(self, f.name), hints.get(f.name))
+            object.__setattr__(self, f.name, value)
+        self.check()
+
+    # ------------------------------------------------------------------ set-up
+    def check(self) -> None:
+        """Raise :class:`SpecError` for a bad combination of fields."""
+
+    def check_site(self, site: Site) -> None:
+        """Raise ``ValueError`` when the method cannot act on ``site`` (shapes)."""
+
+    def check_after(self, earlier: Sequence[Transform]) -> None:
+        """Raise :class:`SpecError` when the method cannot follow ``earlier`` (the
+        transforms before it on the same weight)."""
+
+    def bind(self, total_steps: int) -> Transform:
+        """The spec for a run of ``total_steps`` (e.g. schedules left at 0 take it)."""
+        return self
+
+    def params(self, site: Site, x: jax.Array | None, key: jax.Array) -> State:
+        """Extra trainable arrays, from the tensor at set-up (``x``: the kernel for
+        weights, None for activations) and the layer's key."""
+        return {}
+
+    def param_axes(self, site: Site, kernel_axes: tuple[str | None, ...]
+                   ) -> dict[str, tuple[str | None, ...]]:
+        """Logical axes (see ``sparsejax.sharding``) of :meth:`params`, given the
+        kernel's; params left out are replicated."""
+        return {}
+
+    def param_group(self) -> ParamGroup | None:
+        """The optimiser group of :meth:`params` (None: trained with the weights)."""
+        return None
+
+    def init(self, site: Site, x: jax.Array | None, key: jax.Array) -> State:
+        """Non-trainable state (checkpointed), from the tensor at set-up."""
+        return {}
+
+    # ------------------------------------------------------------------ the call
+    def apply(self, x: jax.Array, params: State, state: State, site: Site, ctx: Context
+              ) -> tuple[jax.Array, State, Metrics]:
+        """``(transformed x, new state, metrics)``; same shape and dtype as ``x``."""
+        raise NotImplementedError
+
+    @property
+    def provides_matmul(self) -> bool:
+        """Whether :meth:`matmul` replaces the layer's ``x @ W``."""
+        return False
+
+    @property
+    def exclusive_matmul(self) -> str | None:
+        """The field that makes this transform's matmul impossible to replace by another
+        transform's (None when it may be replaced)."""
+        return None
+
+    def matmul(self, x: jax.Array, w: jax.Array, state: State, ctx: Context
+               ) -> tuple[jax.Array, State]:
+        """``x @ w`` (``x``: ``(..., in)``, ``w``: ``(in, out)``) and the new state."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def produces_zeros(self) -> bool:
+        """Whether the transformed weight holds exact zeros later transforms must keep."""
+        return False
+
+    def blocking(self, site: Site) -> list[tuple[str, int]]:
+        """``(what, rows)``: runs of rows along the contracting axis that must stay on one
+        device (N:M groups, quantisation blocks); the mesh check asks every transform."""
+        return []
+
+    def step_metrics(self, site: Site, before: View, after: View) -> Metrics:
+        """Metrics of one optimiser step, from the arrays before and after it."""
+        return {}
+
+    def snapshot(self, site: Site, view: View) -> jax.Array | None:
+        """A discrete summary (e.g. the chosen mask candidates) compared between log
+        points: the fraction that changed is logged as ``<snapshot_name>_changed``."""
+        return None
+
+    def inference_weight(self, w: jax.Array, params: State, state: State, site: Site
+                         ) -> jax.Array:
+        """The weight in inference form (no draws, no state change)."""
+        y, _, _ = self.apply(w, params, state, site,
+                             Context(False, jax.random.key(0)))
+        return y
+
+    def pack(self, w: jax.Array) -> Any:
+        """The inference packing of an already transformed weight (e.g. ``PackedNM``),
+        or None when the method has none."""
+        return None
+
+    def summary(self) -> str:
+        """``method`` plus the fields that differ from their defaults (layer listings)."""
+        default = type(self)()
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != getattr(default, f.name)]
+        return self.method + (f"({','.join(changed)})" if changed else "")
+
+
+# The transform blocks of a path rule: (config key, kind, Linear stage). ``quant`` is split
+# by the tensor it acts on; a new *method* needs none of this, a new *kind* of block does.
+RULE_BLOCKS = (("sparsity", "sparsity", "sparsity"),
+               ("quant.weights", "quant", "weight_quant"),
+               ("quant.activations", "quant", "act_quant"),
+               ("analog", "analog", "analog"))
+WEIGHT_STAGES = ("sparsity", "weight_quant", "analog")  # pipeline order on the weight
+
+
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+
+def rule_specs(rule: Any) -> dict[str, tuple[str, Transform]]:
+    """``{stage: (config key, spec)}`` of a rule's blocks (a rule: any object or mapping
+    with ``sparsity`` / ``quant.weights`` / ``quant.activations`` / ``analog`` entries,
+    each a mapping with a ``method`` or a spec object). The weight transforms are checked
+    together (:func:`check_pipeline`). Raises :class:`SpecError` whose ``field`` is the
+    key inside the rule (``sparsity.mvue``)."""
+    out: dict[str, tuple[str, Transform]] = {}
+    for key, kind, stage in RULE_BLOCKS:
+        block = rule
+        for part in key.split("."):
+            block = None if block is None else _field(block, part)
+        if block is None:
+            continue
+        try:
+            spec = block if isinstance(block, Transform) else build_spec(
+                kind, block if isinstance(block, Mapping) else vars(block))
+        except SpecError as err:
+            raise SpecError(f"{key}.{err.field}", str(err), unknown=err.unknown) from None
+        out[stage] = (key, spec)
+    chain = [out[stage] for stage in WEIGHT_STAGES if stage in out]
+    try:
+        check_pipeline([spec for _, spec in chain])
+    except SpecError as err:
+        owner = next(k for k, spec in chain if err.field in
+                     {f.name for f in dataclasses.fields(spec)} | {"method"})
+        raise SpecError(f"{owner}.{err.field}", str(err)) from None
+    return out
+
+
+def check_pipeline(chain: Sequence[Transform]) -> None:
+    """Check the transforms of one layer in pipeline order: each one may refuse what comes
+    before it, and at most one may insist on its own matmul. Raises :class:`SpecError`
+    naming the field of the later transform."""
+    for i, spec in enumerate(chain):
+        spec.check_after(chain[:i])
+    exclusive = [s for s in chain if s.exclusive_matmul]
+    if len(exclusive) > 1:
+        first, other = exclusive[:2]
+        raise SpecError(first.exclusive_matmul,
+                        f"{first.kind} {first.exclusive_matmul} needs its own matmul, and so "
+                        f"does {other.kind} '{other.method}': they cannot be combined")
+
+
+def select_matmul(chain: Sequence[Transform]) -> Transform | None:
+    """The transform whose :meth:`~Transform.matmul` a layer uses: the one that insists
+    (:attr:`~Transform.exclusive_matmul`), else the last that provides one, else None
+    (plain ``x @ W``)."""
+    exclusive = [s for s in chain if s.exclusive_matmul]
+    providers = [s for s in chain if s.provides_matmul]
+    return exclusive[0] if exclusive else (providers[-1] if providers else None)
