@@ -49,6 +49,8 @@ from sparsejax.loop import StepInfo, Trainer
 from sparsejax.nn import (
     TransformParam,
     apply_rules,
+    apply_updates,
+    has_updates,
     layer_metrics,
     loss_terms,
     param_labels,
@@ -192,8 +194,10 @@ def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransf
 
     The differentiated objective is the task loss plus the transforms' loss terms
     (:func:`~sparsejax.nn.loss_terms`, logged under their names; ``metrics['loss']`` is the
-    task loss alone). ``frozen_labels``: parameters labelled ``weights`` get no gradient
-    (zeroed before clipping, so XLA drops their weight-gradient GEMMs)."""
+    task loss alone). Transforms with a gradient-time hook (``Transform.update``) then
+    rewrite their weight, state and gradient, before the optimiser. ``frozen_labels``:
+    parameters labelled ``weights`` get no gradient (zeroed before clipping, so XLA drops
+    their weight-gradient GEMMs)."""
 
     def train_step(params, rest, opt_state, rng, batch, step):
         key = jax.random.fold_in(jax.random.wrap_key_data(rng), step) if use_dropout else None
@@ -210,6 +214,12 @@ def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransf
             return objective, (loss, {**aux, **terms}, nnx.split(model, nnx.Param, ...)[2])
 
         (_, (loss, aux, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        model = nnx.merge(graphdef, params, new_rest, copy=True)
+        if has_updates(model):  # gradient-time hooks (decided while tracing)
+            grad_model = nnx.merge(graphdef, grads, new_rest, copy=True)
+            apply_updates(model, grad_model, step)
+            _, params, new_rest = nnx.split(model, nnx.Param, ...)
+            grads = nnx.split(grad_model, nnx.Param, ...)[1]
         if frozen_labels is not None:
             grads = jax.tree.map(lambda label, g: jnp.zeros_like(g) if label == "weights"
                                  else g, frozen_labels, grads)

@@ -21,7 +21,9 @@ from sparsejax.nn.layers import (
 from sparsejax.nn.rules import (
     analog_layers,
     apply_rules,
+    apply_updates,
     assign_rules,
+    has_updates,
     layer_metrics,
     loss_terms,
     named_layers,
@@ -37,6 +39,7 @@ from sparsejax.nn.slots import TransformMetrics, TransformParam, TransformSlot, 
 __all__ = ["ACTIVATIONS", "BATCH_AXES", "LINEAR_STAGES", "Activation", "Embed", "LayerNorm",
            "Linear", "PackedState", "TransformMetrics", "TransformParam", "TransformSlot",
            "TransformState", "WeightOverride", "analog_layers", "apply_rules",
-           "assign_rules", "dropout", "layer_metrics", "loss_terms", "named_layers",
+           "apply_updates", "assign_rules", "dropout", "has_updates", "layer_metrics",
+           "loss_terms", "named_layers",
            "pack_model", "param_labels", "rule_specs", "snapshot_changes", "snapshots",
            "shard_batch", "sparse_layers", "transform_slots"]

@@ -26,11 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.nn.layers import Activation, Linear
+from sparsejax.nn.layers import LINEAR_STAGES, Activation, Linear
 from sparsejax.nn.slots import TransformSlot
-from sparsejax.transforms import ParamGroup, rule_specs
+from sparsejax.transforms import Context, ParamGroup, Site, rule_specs
 
-__all__ = ["analog_layers", "apply_rules", "assign_rules", "layer_metrics", "loss_terms",
+__all__ = ["analog_layers", "apply_rules", "apply_updates", "assign_rules", "has_updates",
+           "layer_metrics", "loss_terms",
            "named_layers", "param_labels", "rule_specs", "snapshot_changes", "snapshots",
            "sparse_layers", "transform_slots"]
 
@@ -97,16 +98,32 @@ def apply_rules(model: nnx.Module, rules: Sequence[Any], total_steps: int | None
     """
     assignment = assign_rules(model, rules)
     layers = dict(named_layers(model, (Linear, Activation)))
+    planned: dict[str, dict[str, Any]] = {path: {} for path in assignment}
+    for index, rule in enumerate(rules):
+        paths = [p for p, i in assignment.items() if i == index]
+        try:
+            for stage, (_, spec) in rule_specs(rule).items():
+                targets = [p for p in paths if isinstance(layers[p], Linear) or stage == "analog"]
+                sites = [_site(layers[p], stage) for p in targets]
+                for path, layer_spec in zip(targets, spec.bind(total_steps).plan(sites),
+                                            strict=True):
+                    planned[path][stage] = layer_spec
+        except ValueError as err:
+            raise ValueError(f"rules.{index}: {err}") from None
     for path, index in assignment.items():
         try:
-            specs = {stage: spec.bind(total_steps)
-                     for stage, (_, spec) in rule_specs(rules[index]).items()}
-            if isinstance(layers[path], Activation):
-                specs = {k: v for k, v in specs.items() if k == "analog"}
-            layers[path].configure(specs, seed=zlib.crc32(path.encode()))
+            layers[path].configure(planned[path], seed=zlib.crc32(path.encode()))
         except ValueError as err:
             raise ValueError(f"rules.{index} on layer {path}: {err}") from None
     return assignment
+
+
+def _site(layer: nnx.Module, stage: str) -> Site:
+    """The site a stage of ``layer`` is (for :meth:`~sparsejax.transforms.Transform.plan`)."""
+    if isinstance(layer, Activation):
+        return Site("outputs", (1,))
+    role = dict(LINEAR_STAGES)[stage]
+    return Site(role, tuple(layer.kernel.shape) if role == "weights" else (layer.in_features,))
 
 
 def transform_slots(model: nnx.Module
@@ -230,3 +247,23 @@ def param_labels(model: nnx.Module) -> tuple[Any, dict[str, ParamGroup]]:
         return owners.get("/".join(k for k in keys if k != "value"), "weights")
 
     return jax.tree_util.tree_map_with_path(label, nnx.state(model, nnx.Param)), groups
+
+
+def has_updates(model: nnx.Module) -> bool:
+    """Whether any transform of ``model`` has a gradient-time hook."""
+    return any(slot.spec.has_update for *_, slot in transform_slots(model))
+
+
+def apply_updates(model: nnx.Module, grads: nnx.Module, step: jax.Array) -> None:
+    """Run every transform's gradient-time hook (``Transform.update``), in place:
+    ``model`` holds the parameters and state, ``grads`` the same graph with the gradients
+    as its parameters (``nnx.merge(graphdef, grads, rest)``). Each hook may rewrite its
+    weight (in ``model``) and the weight's gradient (in ``grads``)."""
+    pairs = zip(transform_slots(model), transform_slots(grads), strict=True)
+    for (_, layer, _, slot), (_, grad_layer, _, _) in pairs:
+        if not slot.spec.has_update:
+            continue
+        ctx = Context(True, jax.random.key(layer.seed), step)
+        w, g = slot.update(layer.kernel[...], grad_layer.kernel[...], ctx)
+        layer.kernel[...] = w
+        grad_layer.kernel[...] = g

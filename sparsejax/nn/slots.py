@@ -52,9 +52,14 @@ class TransformSlot(nnx.Module):
         self.state = nnx.Dict({k: TransformState(jnp.asarray(v))
                                for k, v in spec.init(site, x, key).items()})
         example = x if x is not None else jax.ShapeDtypeStruct(site.shape, jnp.float32)
-        shapes = jax.eval_shape(
-            lambda p, s, v: spec.apply(v, p, s, site, Context(True, jax.random.key(0)))[2],
-            _values(self.params), _values(self.state), example)
+
+        def metrics_of(p, s, v):  # those of a training call, then those of an update
+            ctx = Context(True, jax.random.key(0), jnp.zeros((), jnp.int32))
+            out = spec.apply(v, p, s, site, ctx)[2]
+            return {**out, **(spec.update(site, View(v, p, s), v, ctx)[3]
+                              if spec.has_update else {})}
+
+        shapes = jax.eval_shape(metrics_of, _values(self.params), _values(self.state), example)
         self.metrics = nnx.Dict({k: TransformMetrics(jnp.zeros(v.shape, v.dtype))
                                  for k, v in shapes.items()})
 
@@ -88,6 +93,13 @@ class TransformSlot(nnx.Module):
         y, state = self.spec.matmul(x, w, _values(self.state), ctx)
         self._store(state, {})
         return y
+
+    def update(self, x: jax.Array, grad: jax.Array, ctx: Context
+               ) -> tuple[jax.Array, jax.Array]:
+        """``spec.update``: the new tensor and gradient; records state and metrics."""
+        x, state, grad, metrics = self.spec.update(self.site, self.view(x), grad, ctx)
+        self._store(state, metrics)
+        return x, grad
 
     def inference(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``x`` in inference form and the metrics of that call (no draws, no state

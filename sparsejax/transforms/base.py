@@ -65,12 +65,14 @@ class Site(NamedTuple):
 
 
 class Context(NamedTuple):
-    """What a call knows besides its arrays: ``training`` (False in ``model.eval()``) and
-    the layer's base PRNG key (from its path); a transform folds its own checkpointed call
-    counter into it for a fresh, resumable draw per call."""
+    """What a call knows besides its arrays: ``training`` (False in ``model.eval()``), the
+    layer's base PRNG key (from its path; a transform folds its own checkpointed counter,
+    or ``step``, into it for a fresh, resumable draw) and, in :meth:`Transform.update`, the
+    optimiser step (0-based; None elsewhere)."""
 
     training: bool
     key: jax.Array
+    step: jax.Array | None = None
 
 
 class View(NamedTuple):
@@ -137,7 +139,7 @@ def build_spec(kind: str, fields: Mapping[str, Any]) -> Transform:
     defaults to :data:`DEFAULT_METHOD`). Raises :class:`SpecError` naming the field."""
     fields = dict(fields)
     cls = spec_class(kind, fields.pop("method", DEFAULT_METHOD[kind]))
-    known = [f.name for f in dataclasses.fields(cls)]
+    known = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
     for name, value in list(fields.items()):
         if name in known:
             continue
@@ -156,8 +158,11 @@ def build_spec(kind: str, fields: Mapping[str, Any]) -> Transform:
 
 
 def spec_fields(spec: Transform) -> dict[str, Any]:
-    """The config block of ``spec``: ``{"method": ..., <every field>: value}``."""
-    return {"method": spec.method, **dataclasses.asdict(spec)}
+    """The config block of ``spec``: ``{"method": ..., <every field>: value}`` (fields
+    marked ``internal``, set by :meth:`Transform.plan`, are not configuration)."""
+    return {"method": spec.method, **{f.name: getattr(spec, f.name)
+                                      for f in dataclasses.fields(spec)
+                                      if not f.metadata.get("internal")}}
 
 
 def _coerce(cls: type, name: str, value: Any, hint: Any) -> Any:
@@ -220,6 +225,12 @@ class Transform:
         """The spec for a run of ``total_steps`` (e.g. schedules left at 0 take it)."""
         return self
 
+    def plan(self, sites: Sequence[Site]) -> list[Transform]:
+        """The spec of each of the ``sites`` one rule gives this method, e.g. a sparsity
+        budget spread over the matched layers (ERK); raises :class:`SpecError` when the
+        sites cannot meet the spec."""
+        return [self] * len(sites)
+
     def params(self, site: Site, x: jax.Array | None, key: jax.Array) -> State:
         """Extra trainable arrays, from the tensor at set-up (``x``: the kernel for
         weights, None for activations) and the layer's key."""
@@ -260,6 +271,20 @@ class Transform:
                ) -> tuple[jax.Array, State]:
         """``x @ w`` (``x``: ``(..., in)``, ``w``: ``(in, out)``) and the new state."""
         raise NotImplementedError
+
+    @property
+    def has_update(self) -> bool:
+        """Whether the method overrides :meth:`update` (the trainer skips the others)."""
+        return type(self).update is not Transform.update
+
+    def update(self, site: Site, view: View, grad: jax.Array, ctx: Context
+               ) -> tuple[jax.Array, State, jax.Array, Metrics]:
+        """The gradient-time hook, run every training step after the backward pass and
+        before the optimiser: from the tensor, the dicts and the gradient of the tensor
+        (``ctx.step``: the step), return ``(tensor, state, gradient, metrics)`` - e.g. a
+        new mask, the grown weights set to zero, the gradient of pruned weights removed.
+        Weights only."""
+        return view.x, view.state, grad, {}
 
     # ------------------------------------------------------------------ bookkeeping
     @property
