@@ -1,11 +1,24 @@
 """Sparsity transforms (``sparsity:`` blocks of path rules)."""
 
 from sparsejax.transforms.sparsity.dense import Dense
-from sparsejax.transforms.sparsity.maskllm import MASK_PRIORS, MaskLLM
+from sparsejax.transforms.sparsity.gmp import GMP
+from sparsejax.transforms.sparsity.magnitude import Magnitude
+from sparsejax.transforms.sparsity.maskllm import MaskLLM
 from sparsejax.transforms.sparsity.nm import HardNMSparsity, NMPattern, SparseMatmul
+from sparsejax.transforms.sparsity.random_mask import RandomMask
+from sparsejax.transforms.sparsity.rigl import RigL
+from sparsejax.transforms.sparsity.set_ import SET
+from sparsejax.transforms.sparsity.snip import SNIP
 from sparsejax.transforms.sparsity.sr_ste import SRSTE
 from sparsejax.transforms.sparsity.sste import SSTE
 from sparsejax.transforms.sparsity.ste import STE
+from sparsejax.transforms.sparsity.unstructured import (
+    DropAndGrow,
+    UnstructuredSparsity,
+    erk_densities,
+    top_k_mask,
+)
 
-__all__ = ["MASK_PRIORS", "SRSTE", "SSTE", "STE", "Dense", "HardNMSparsity", "MaskLLM",
-           "NMPattern", "SparseMatmul"]
+__all__ = ["GMP", "SET", "SNIP", "SRSTE", "SSTE", "STE", "Dense", "DropAndGrow",
+           "HardNMSparsity", "Magnitude", "MaskLLM", "NMPattern", "RandomMask", "RigL",
+           "SparseMatmul", "UnstructuredSparsity", "erk_densities", "top_k_mask"]
