@@ -78,9 +78,9 @@ class Trainer:
             due = [h for h in self.hooks if h.due(done) or (last and h.at_end)]
             if not (due or last or done % self.log_every == 0):
                 continue
+            host = self.to_host(pending)  # the sync point: the steps have now run
             seconds = time.perf_counter() - interval_start
-            info = StepInfo(done, state, self.to_host(pending), done - len(pending), seconds,
-                            last)
+            info = StepInfo(done, state, host, done - len(pending), seconds, last)
             self.train_seconds += seconds
             self.train_steps += len(pending)
             for hook in self.hooks:

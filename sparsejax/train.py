@@ -529,26 +529,26 @@ def _stop_on_non_finite(checkpoints: _Checkpoints) -> Callable[[StepInfo], None]
     return check
 
 
-def _interval_scalars(task: Task, schedule: optax.Schedule) -> Callable[[StepInfo], None]:
+class _IntervalScalars:
     """The metrics hook: interval means of the step metrics (keys that carry their own
     namespace, ``sparsity/...``, keep it; the rest go under ``train/``), the learning rate,
-    throughput and, for token tasks, bits per token."""
-    rate_key = f"throughput/{task.item_name}_per_sec"
-    means: dict[str, float] = {}  # the latest interval's, for the results
+    throughput and, for token tasks, bits per token. ``means`` keeps the latest interval's
+    for the results."""
 
-    def scalars(info: StepInfo) -> None:
-        host = info.host
-        means.clear()
-        means.update({(k if "/" in k else f"train/{k}"): float(np.mean([m[k] for m in host]))
-                      for k in host[0] if k != "finite"})
-        info.scalars.update(means)
-        info.scalars["train/lr"] = float(schedule(info.step - 1))
-        info.scalars[rate_key] = len(host) * task.items_per_batch / info.seconds
+    def __init__(self, task: Task, schedule: optax.Schedule):
+        self.task, self.schedule = task, schedule
+        self.means: dict[str, float] = {}
+
+    def __call__(self, info: StepInfo) -> None:
+        host, task = info.host, self.task
+        self.means = {(k if "/" in k else f"train/{k}"): float(np.mean([m[k] for m in host]))
+                      for k in host[0] if k != "finite"}
+        info.scalars.update(self.means)
+        info.scalars["train/lr"] = float(self.schedule(info.step - 1))
+        info.scalars[f"throughput/{task.item_name}_per_sec"] = (
+            len(host) * task.items_per_batch / info.seconds)
         if "train/loss" in info.scalars and task.item_name == "tokens":
             info.scalars[f"train/{task.bits_name}"] = info.scalars["train/loss"] / math.log(2)
-
-    scalars.means = means
-    return scalars
 
 
 def _snapshot_changes(graphdef: nnx.GraphDef, state: TrainState, mesh: Mesh):
@@ -624,7 +624,8 @@ def _train_on_mesh(cfg: Config, run_dir: Path, resuming: bool, task: Task,
         return TrainState(params, rest, opt_state, state.rng), metrics
 
     checkpoints = _Checkpoints(ckpt, cfg, task.items_per_batch, prior_seconds, start)
-    trainer = _make_trainer(cfg, task, schedule, step_fn, checkpoints, graphdef, state, mesh,
+    interval = _IntervalScalars(task, schedule)
+    trainer = _make_trainer(cfg, task, interval, step_fn, checkpoints, graphdef, state, mesh,
                             eval_step, writer, progress)
     try:
         state = trainer.run(state, start, cfg.train.steps)
@@ -639,8 +640,8 @@ def _train_on_mesh(cfg: Config, run_dir: Path, resuming: bool, task: Task,
         ckpt.close()
         if writer is not None:
             writer.close()
-    return _finish(cfg, run_dir, task, state, start, trainer, val, loop_seconds,
-                   compile_seconds, verbose and lead, lead)
+    return _finish(cfg, run_dir, task, state, start, trainer, interval.means, val,
+                   loop_seconds, compile_seconds, verbose and lead, lead)
 
 
 def _open_writer(cfg: Config, run_dir: Path, task: Task, start: int, resuming: bool
@@ -655,15 +656,14 @@ def _open_writer(cfg: Config, run_dir: Path, task: Task, start: int, resuming: b
     return writer
 
 
-def _make_trainer(cfg: Config, task: Task, schedule: optax.Schedule, step_fn: Callable,
+def _make_trainer(cfg: Config, task: Task, interval: _IntervalScalars, step_fn: Callable,
                   checkpoints: _Checkpoints, graphdef: nnx.GraphDef, state: TrainState,
                   mesh: Mesh, eval_step: Callable, writer: TensorBoardWriter | None,
                   progress: Progress) -> Trainer:
     """The loop and its hooks, in the order they run at a log point."""
     trainer = Trainer(step_fn, to_host, log_every=cfg.logging.log_every)
     trainer.add_hook(_stop_on_non_finite(checkpoints))
-    trainer.add_hook(interval := _interval_scalars(task, schedule))
-    trainer.interval_means = interval.means
+    trainer.add_hook(interval)
     changes = _snapshot_changes(graphdef, state, mesh)
     if changes is not None:
         trainer.add_hook(changes)
@@ -682,12 +682,12 @@ def _make_trainer(cfg: Config, task: Task, schedule: optax.Schedule, step_fn: Ca
 
 
 def _finish(cfg: Config, run_dir: Path, task: Task, state: TrainState, start: int,
-            trainer: Trainer, val: dict[str, float], loop_seconds: float,
-            compile_seconds: float, verbose: bool, lead: bool) -> dict[str, Any]:
+            trainer: Trainer, last_train: dict[str, float], val: dict[str, float],
+            loop_seconds: float, compile_seconds: float, verbose: bool, lead: bool
+            ) -> dict[str, Any]:
     """The results dict, written to ``results.json`` (a finished run re-evaluated keeps
     the training numbers it wrote); raises when the evaluation is not finite."""
     total = cfg.train.steps
-    last_train = trainer.interval_means
     results: dict[str, Any] = {
         "run_dir": str(run_dir),
         "steps": total,
