@@ -50,7 +50,7 @@ CASES = {  # name -> (config, overrides); each is valid under both revisions
         "rules.0.quant.weights.method=lsq", "rules.0.quant.activations.method=lsq",
         "rules.0.quant.weights.bits=4", "rules.0.quant.activations.bits=4"]),
     "FP8 quantisation": ("gpt_a1w1_dat", [f"rules=[{{path: '{BLOCKS}', quant: {{weights: "
-                                          "{method: fp8}, activations: {method: fp8}}}}]"]),
+                                          "{method: fp8}, activations: {method: fp8}}}]"]),
     "sste + DAT W4A4": ("gpt_sste", [f"rules=[{{path: '{FFN}', sparsity: {{method: sste}}, "
                                      "quant: {weights: {method: dat, bits: 4, affine: false}, "
                                      "activations: {method: dat, bits: 4}}}]"]),
