@@ -17,7 +17,14 @@ from flax import nnx
 
 from sparsejax.kernels.nm_matmul import PackedNM, nm_matmul
 from sparsejax.nn.slots import TransformSlot
-from sparsejax.transforms import Context, Site, Transform, check_pipeline, select_matmul
+from sparsejax.transforms import (
+    WEIGHT_STAGES,
+    Context,
+    Site,
+    Transform,
+    check_pipeline,
+    select_matmul,
+)
 
 __all__ = ["ACTIVATIONS", "BATCH_AXES", "LINEAR_STAGES", "Activation", "Embed", "LayerNorm",
            "Linear", "PackedState", "WeightOverride", "dropout", "pack_model", "shard_batch"]
@@ -30,8 +37,8 @@ DEFAULT_EMBED_INIT = nnx.initializers.normal(0.02)
 # The stages of a Linear's pipeline, in the order they run: (attribute, site role).
 # The input transform comes first; then the weight transforms in this stated order -
 # sparsify, then quantise, then the analog tile - and the matmul the pipeline selects.
-LINEAR_STAGES = (("act_quant", "activations"), ("sparsity", "weights"),
-                 ("weight_quant", "weights"), ("analog", "weights"))
+LINEAR_STAGES = (("act_quant", "activations"),
+                 *((stage, "weights") for stage in WEIGHT_STAGES))
 
 
 class PackedState(nnx.Variable):
