@@ -102,10 +102,15 @@ class Linear(nnx.Module):
                         if role == "weights" and n in specs])
         self.seed = seed
         for name, role in LINEAR_STAGES:
-            shape = self.kernel.shape if role == "weights" else (self.in_features,)
             x = self.kernel[...] if role == "weights" else None
             setattr(self, name, None if specs.get(name) is None else TransformSlot(
-                specs[name], Site(role, tuple(shape)), x, seed, self.axes))
+                specs[name], self.site(name), x, seed, self.axes))
+
+    def site(self, stage: str) -> Site:
+        """Where the transform of ``stage`` (:data:`LINEAR_STAGES`) acts."""
+        role = dict(LINEAR_STAGES)[stage]
+        return Site(role, tuple(self.kernel.shape) if role == "weights"
+                    else (self.in_features,))
 
     def slots(self) -> list[tuple[str, TransformSlot]]:
         """``[(stage, slot), ...]`` of the configured stages, in pipeline order."""

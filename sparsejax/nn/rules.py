@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.nn.layers import LINEAR_STAGES, Activation, Linear
+from sparsejax.nn.layers import Activation, Linear
 from sparsejax.nn.slots import TransformSlot
-from sparsejax.transforms import Context, ParamGroup, Site, rule_specs
+from sparsejax.transforms import Context, ParamGroup, Site, rule_field, rule_specs
 
 __all__ = ["analog_layers", "apply_rules", "apply_updates", "assign_rules", "has_updates",
            "layer_metrics", "loss_terms",
@@ -50,10 +50,6 @@ def named_layers(model: nnx.Module, types: tuple[type, ...] = (Linear,)
             for path, node in nnx.iter_graph(model) if isinstance(node, types)]
 
 
-def _field(obj: Any, name: str) -> Any:
-    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-
-
 def assign_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
     """Map each layer path to the index of the first rule whose ``path`` regex matches
     (``Linear`` layers: any rule; ``Activation`` layers: rules with an ``analog`` block).
@@ -65,7 +61,7 @@ def assign_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
     activations = [path for path, _ in named_layers(model, (Activation,))]
     compiled = [re.compile(rule.path if not isinstance(rule, dict) else rule["path"])
                 for rule in rules]
-    eligible = [linears + (activations if _field(rule, "analog") is not None else [])
+    eligible = [linears + (activations if rule_field(rule, "analog") is not None else [])
                 for rule in rules]
     assignment: dict[str, int] = {}
     for path in linears + activations:
@@ -77,8 +73,8 @@ def assign_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
         if not any(pattern.fullmatch(path) for path in eligible[i]):
             raise ValueError(f"rules.{i}.path '{pattern.pattern}' matches no layer; "
                              f"layer paths are: {', '.join(eligible[i])}")
-        analog = _field(rules[i], "analog")
-        if (analog is not None and (_field(analog, "act_noise") or 0) > 0
+        analog = rule_field(rules[i], "analog")
+        if (analog is not None and (rule_field(analog, "act_noise") or 0) > 0
                 and not any(pattern.fullmatch(p) for p in activations)):
             raise ValueError(f"rules.{i}.analog.act_noise is set but rules.{i}.path "
                              f"'{pattern.pattern}' matches no activation layer; activation "
@@ -120,10 +116,7 @@ def apply_rules(model: nnx.Module, rules: Sequence[Any], total_steps: int | None
 
 def _site(layer: nnx.Module, stage: str) -> Site:
     """The site a stage of ``layer`` is (for :meth:`~sparsejax.transforms.Transform.plan`)."""
-    if isinstance(layer, Activation):
-        return Site("outputs", (1,))
-    role = dict(LINEAR_STAGES)[stage]
-    return Site(role, tuple(layer.kernel.shape) if role == "weights" else (layer.in_features,))
+    return Site("outputs", (1,)) if isinstance(layer, Activation) else layer.site(stage)
 
 
 def transform_slots(model: nnx.Module

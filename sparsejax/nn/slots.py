@@ -104,6 +104,4 @@ class TransformSlot(nnx.Module):
     def inference(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``x`` in inference form and the metrics of that call (no draws, no state
         change)."""
-        y, _, metrics = self.spec.apply(x, _values(self.params), _values(self.state),
-                                        self.site, Context(False, jax.random.key(0)))
-        return y, metrics
+        return self.spec.inference(x, _values(self.params), _values(self.state), self.site)

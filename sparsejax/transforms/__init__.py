@@ -21,6 +21,7 @@ from sparsejax.transforms.base import (
     check_pipeline,
     methods,
     register,
+    rule_field,
     rule_specs,
     select_matmul,
     spec_class,
@@ -29,5 +30,5 @@ from sparsejax.transforms.base import (
 
 __all__ = ["DEFAULT_METHOD", "RULE_BLOCKS", "WEIGHT_STAGES", "Context", "Metrics",
            "ParamGroup", "Site", "SpecError", "Transform", "View", "analog", "build_spec",
-           "check_pipeline", "methods", "quant", "register", "rule_specs", "select_matmul",
-           "spec_class", "spec_fields", "sparsity"]
+           "check_pipeline", "methods", "quant", "register", "rule_field", "rule_specs",
+           "select_matmul", "spec_class", "spec_fields", "sparsity"]

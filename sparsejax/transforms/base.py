@@ -28,8 +28,8 @@ import jax
 
 __all__ = ["DEFAULT_METHOD", "RULE_BLOCKS", "WEIGHT_STAGES", "Context", "Metrics",
            "ParamGroup", "Site", "SpecError", "Transform", "View", "build_spec",
-           "check_pipeline", "methods", "register", "rule_specs", "select_matmul",
-           "spec_class", "spec_fields"]
+           "check_pipeline", "methods", "register", "rule_field", "rule_specs",
+           "select_matmul", "spec_class", "spec_fields"]
 
 Metrics = dict[str, jax.Array]
 State = dict[str, jax.Array]
@@ -306,12 +306,17 @@ class Transform:
         points: the fraction that changed is logged as ``<snapshot_name>_changed``."""
         return None
 
+    def inference(self, x: jax.Array, params: State, state: State, site: Site
+                  ) -> tuple[jax.Array, Metrics]:
+        """``x`` in inference form and the metrics of that call (no draws, no state
+        change): :meth:`apply` outside training."""
+        y, _, metrics = self.apply(x, params, state, site, Context(False, jax.random.key(0)))
+        return y, metrics
+
     def inference_weight(self, w: jax.Array, params: State, state: State, site: Site
                          ) -> jax.Array:
-        """The weight in inference form (no draws, no state change)."""
-        y, _, _ = self.apply(w, params, state, site,
-                             Context(False, jax.random.key(0)))
-        return y
+        """The weight in inference form (:meth:`inference` without its metrics)."""
+        return self.inference(w, params, state, site)[0]
 
     def pack(self, w: jax.Array) -> Any:
         """The inference packing of an already transformed weight (e.g. ``PackedNM``),
@@ -335,7 +340,9 @@ RULE_BLOCKS = (("sparsity", "sparsity", "sparsity"),
 WEIGHT_STAGES = ("sparsity", "weight_quant", "analog")  # pipeline order on the weight
 
 
-def _field(obj: Any, name: str) -> Any:
+def rule_field(obj: Any, name: str) -> Any:
+    """``obj[name]`` of a mapping, else ``obj.name`` (None when absent): rules and their
+    blocks may be dicts or config dataclasses."""
     return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
 
 
@@ -349,7 +356,7 @@ def rule_specs(rule: Any) -> dict[str, tuple[str, Transform]]:
     for key, kind, stage in RULE_BLOCKS:
         block = rule
         for part in key.split("."):
-            block = None if block is None else _field(block, part)
+            block = None if block is None else rule_field(block, part)
         if block is None:
             continue
         try:
