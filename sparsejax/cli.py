@@ -3,7 +3,7 @@
     sparsejax train CONFIG [key=value ...] [--sweep key=v1,v2 ...]
         [--coordinator HOST:PORT --num-processes N --process-id I]
     sparsejax layers CONFIG [key=value ...]
-    sparsejax compare CHECKPOINT [CHECKPOINT ...]
+    sparsejax compare CHECKPOINT [CHECKPOINT ...] [--steps N,N] [--logdir runs/compare]
     sparsejax evaluate-analog RUN_DIR [--times 60,3600,...] [--repeats 5]
 
 Configuration problems print one line to stderr and exit with code 2 before anything is
@@ -112,10 +112,27 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     logdir = Path(args.logdir)
     name = args.name or "_vs_".join(_short_name(Path(p)) for p in args.checkpoints)
-    rows = compare_checkpoints(args.checkpoints, step=args.step, logdir=logdir, name=name)
-    print(format_rows(rows))
+    print(f"writing TensorBoard runs to {logdir / name} (--logdir, --name)", flush=True)
+    result = compare_checkpoints(args.checkpoints, logdir=logdir, name=name,
+                                 steps=args.steps, progress=print)
+    for pair in result.pairs:
+        changed = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in list(pair.diff.items())[:6])
+        print(f"\n{pair.name}: {changed or 'same config'}"
+              f"{' ...' if len(pair.diff) > 6 else ''}")
+        print(format_rows(result.means(pair) + result.table(pair)
+                          + [r for r in result.rows if r["pair"] == pair.name and "note" in r]))
     print(f"\nTensorBoard: tensorboard --logdir {logdir / name}")
     return 0
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        steps = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of steps: {text!r}") from None
+    if not steps:
+        raise argparse.ArgumentTypeError("no steps given")
+    return steps
 
 
 def _cmd_evaluate_analog(args: argparse.Namespace) -> int:
@@ -176,13 +193,24 @@ def make_parser() -> argparse.ArgumentParser:
     layers.add_argument("config")
     layers.add_argument("overrides", nargs="*")
     layers.set_defaults(func=_cmd_layers)
-    compare = sub.add_parser("compare", help="compare checkpoints layer by layer "
-                             "(terminal table + TensorBoard)")
+    compare = sub.add_parser(
+        "compare", help="compare runs layer by layer over training (table + TensorBoard)",
+        description="Compare every later run or checkpoint with the first (B vs A, C vs A, "
+        "...): relative distance, cosine, mask overlap (with the random-mask baseline), "
+        "sparsity and quantisation error per layer, at every checkpoint step the runs "
+        "share. Prints a table and writes one TensorBoard run per pair under "
+        "LOGDIR/NAME.")
     compare.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                         help="run directories (latest checkpoint) or <run>/checkpoints/<step>")
-    compare.add_argument("--step", type=int, default=None, help="step to take from run dirs")
-    compare.add_argument("--logdir", default="runs/compare", help="TensorBoard root")
-    compare.add_argument("--name", default=None, help="run group name under --logdir")
+                         help="run directories (every shared checkpoint step) or "
+                         "<run>/checkpoints/<step> (that checkpoint)")
+    compare.add_argument("--steps", "--step", type=_steps, default=None, metavar="N[,N...]",
+                         help="checkpoint steps to compare (default: every step the runs "
+                         "share; their latest checkpoints when they share none)")
+    compare.add_argument("--logdir", default="runs/compare",
+                         help="TensorBoard root (default: %(default)s)")
+    compare.add_argument("--name", default=None, help="directory under --logdir (default: "
+                         "the run names joined by _vs_); an earlier comparison there is "
+                         "replaced")
     compare.set_defaults(func=_cmd_compare)
     analog = sub.add_parser("evaluate-analog", help="program a trained run onto simulated "
                             "PCM devices and evaluate it at times after programming")

@@ -357,13 +357,19 @@ def to_yaml(cfg: Config) -> str:
 
 
 def to_flat_dict(cfg: Config) -> dict[str, Any]:
-    """``{"optimizer.lr": 0.003, ...}`` with enums as strings and lists as strings."""
+    """``{"optimizer.lr": 0.003, "rules.0.sparsity.method": "sste", ...}``: one dotted key
+    per setting, lists of mappings (the rules) indexed by position, enums as their values,
+    lists of plain values (``model.hidden``) as lists."""
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, DictConfig):
             for k, v in node.items():
                 walk(v, f"{prefix}{k}.")
+        elif isinstance(node, ListConfig) and any(
+                isinstance(v, (DictConfig, ListConfig)) for v in node):
+            for i, v in enumerate(node):
+                walk(v, f"{prefix}{i}.")
         else:
             value = OmegaConf.to_container(node) if isinstance(node, ListConfig) else node
             if isinstance(value, enum.Enum):

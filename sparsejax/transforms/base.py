@@ -292,6 +292,13 @@ class Transform:
         """Whether the transformed weight holds exact zeros later transforms must keep."""
         return False
 
+    @property
+    def mask_group(self) -> int | None:
+        """Length of the runs along the contracting axis within which the zeros are placed
+        (N:M: ``m``), for tools that draw the pattern (``sparsejax compare``); None when
+        the pattern has no such structure."""
+        return None
+
     def blocking(self, site: Site) -> list[tuple[str, int]]:
         """``(what, rows)``: runs of rows along the contracting axis that must stay on one
         device (N:M groups, quantisation blocks); the mesh check asks every transform."""

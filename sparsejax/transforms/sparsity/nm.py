@@ -39,6 +39,10 @@ class NMPattern(Transform):
     def produces_zeros(self) -> bool:
         return True
 
+    @property
+    def mask_group(self) -> int:
+        return self.m
+
     def blocking(self, site: Site) -> list[tuple[str, int]]:
         return [(f"N:M groups (m={self.m})", self.m)]
 
