@@ -80,7 +80,7 @@ def compiled_step(config: str, overrides: list[str]):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     state = [params, rest, tx.init(params), jax.random.key_data(jax.random.key(0))]
     step = jax.jit(make_train_step(graphdef, task, tx, use_dropout=False,
-                                   frozen_labels=frozen))
+                                   frozen_labels=frozen, grad_accum=cfg.train.grad_accum))
     batches = [task.train_batch(i) for i in range(8)]
     compiled = step.lower(*state, batches[0], np.int32(0)).compile()
     return compiled, state, batches

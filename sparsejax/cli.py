@@ -3,6 +3,8 @@
     sparsejax train CONFIG [key=value ...] [--sweep key=v1,v2 ...]
         [--coordinator HOST:PORT --num-processes N --process-id I]
     sparsejax layers CONFIG [key=value ...]
+    sparsejax prepare CORPUS [CORPUS ...] --out DIR [--tokenizer bytes|bpe|PATH.json]
+    sparsejax sample RUN_DIR [--prompt TEXT] [--max-new-tokens 200] [--temperature 0.8]
     sparsejax compare CHECKPOINT [CHECKPOINT ...] [--steps N,N] [--logdir runs/compare]
     sparsejax evaluate-analog RUN_DIR [--times 60,3600,...] [--repeats 5]
 
@@ -82,6 +84,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print("\t".join(["run", *keys]))
         for name, res in summaries:
             print("\t".join([name, *(f"{res[k]:.4f}" for k in keys)]))
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from sparsejax.corpus import prepare
+
+    meta = prepare(args.corpora, args.out, tokenizer=args.tokenizer,
+                   vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                   overwrite=args.overwrite)
+    splits = meta["splits"]
+    print(f"wrote {args.out}/train.bin, val.bin, meta.json"
+          f"{', tokenizer.json' if meta['tokenizer'] != 'bytes' else ''}: "
+          f"vocabulary {meta['vocab_size']} ({meta['dtype']})")
+    for split, c in splits.items():
+        print(f"  {split:5s} {c['tokens']:>12,d} tokens  {c['bytes']:>12,d} bytes  "
+              f"{c['bytes'] / max(c['tokens'], 1):.2f} bytes/token")
+    print(f"train with: data.source=tokens data.path={args.out}")
     return 0
 
 
@@ -189,6 +208,23 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-processes", type=int, default=None)
     train.add_argument("--process-id", type=int, default=None)
     train.set_defaults(func=_cmd_train)
+    prep = sub.add_parser(
+        "prepare", help="tokenize text files into train.bin / val.bin for data.source=tokens",
+        description="Tokenize CORPUS files (streamed) with a byte-level BPE trained on them "
+        "(or raw bytes, or a given tokenizer.json) into OUT/train.bin, val.bin, "
+        "tokenizer.json and meta.json. The last --val-fraction of each file is validation.")
+    prep.add_argument("corpora", nargs="+", metavar="CORPUS", help="text files")
+    prep.add_argument("--out", required=True, help="output directory")
+    prep.add_argument("--tokenizer", default="bpe", metavar="bytes|bpe|PATH.json",
+                      help="raw bytes, a BPE trained here, or a tokenizers file "
+                      "(default: %(default)s)")
+    prep.add_argument("--vocab-size", type=int, default=8192,
+                      help="BPE vocabulary, <|endoftext|> included (default: %(default)s)")
+    prep.add_argument("--val-fraction", type=float, default=0.1,
+                      help="tail of each corpus held out (default: %(default)s)")
+    prep.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier preparation in --out")
+    prep.set_defaults(func=_cmd_prepare)
     layers = sub.add_parser("layers", help="list the layers' paths (for rules)")
     layers.add_argument("config")
     layers.add_argument("overrides", nargs="*")

@@ -105,8 +105,9 @@ class DataSource(str, enum.Enum):
 @dataclass
 class ModelConfig:
     kind: ModelKind = ModelKind.gpt
-    # GPT
-    vocab_size: int = 256
+    # GPT. null: from the data (256 for bytes; a prepared corpus's meta.json). Larger than
+    # the data's vocabulary pads the embedding (e.g. 50304 for GPT-2's 50257).
+    vocab_size: int | None = None
     block_size: int = 128
     n_layer: int = 4
     n_head: int = 4
@@ -149,6 +150,9 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 200
     eval_batches: int = 8
+    # Split each batch into this many micro-batches whose gradients are summed inside the
+    # jitted step: the same update as the full batch with 1/k of the activation memory.
+    grad_accum: int = 1
     # Start from the parameters of another run (its run dir: latest checkpoint, or
     # <run>/checkpoints/<step>) before the rules apply, e.g. to sparsify a dense model.
     init_from: str | None = None
@@ -418,10 +422,11 @@ def validate(cfg: Config) -> None:
         _require(math.isfinite(value), key, f"must be a finite number, got {value}")
     for key, value in [("model.block_size", m.block_size), ("model.n_layer", m.n_layer),
                        ("model.n_head", m.n_head), ("model.n_embd", m.n_embd),
-                       ("model.vocab_size", m.vocab_size), ("model.mlp_ratio", m.mlp_ratio),
+                       ("model.mlp_ratio", m.mlp_ratio),
                        ("model.num_classes", m.num_classes), ("data.batch_size", d.batch_size),
                        ("train.steps", t.steps), ("train.eval_every", t.eval_every),
                        ("train.eval_batches", t.eval_batches),
+                       ("train.grad_accum", t.grad_accum),
                        ("logging.log_every", cfg.logging.log_every),
                        ("checkpoint.every", cfg.checkpoint.every),
                        ("checkpoint.keep", cfg.checkpoint.keep)]:
@@ -452,10 +457,15 @@ def validate(cfg: Config) -> None:
     _require(sum(v == -1 for v in sizes.values()) <= 1, "mesh",
              f"at most one axis may be -1, got {sizes}")
     fixed = [v for k, v in sizes.items() if k != "mesh.tensor"]
+    _require(d.batch_size % t.grad_accum == 0, "train.grad_accum",
+             f"data.batch_size={d.batch_size} is not divisible by {t.grad_accum} micro-batches")
     if -1 not in fixed:
         split = cfg.mesh.data * cfg.mesh.fsdp
         _require(d.batch_size % split == 0, "data.batch_size",
                  f"{d.batch_size} is not divisible by mesh.data * mesh.fsdp = {split}")
+        _require(d.batch_size % (split * t.grad_accum) == 0, "train.grad_accum",
+                 f"data.batch_size={d.batch_size} does not split into {t.grad_accum} "
+                 f"micro-batches of whole rows per device (mesh.data * mesh.fsdp = {split})")
 
     byte_sources = (DataSource.stdlib, DataSource.text, DataSource.tokens)
     if m.kind == ModelKind.gpt:
@@ -469,9 +479,8 @@ def validate(cfg: Config) -> None:
         found = resolve_data_path(d.path)
         _require(found is not None, "data.path", f"file not found: {d.path}")
         d.path = str(found)
-    if d.source in (DataSource.stdlib, DataSource.text):
-        _require(m.vocab_size >= 256, "model.vocab_size",
-                 f"byte-level data needs vocab_size >= 256, got {m.vocab_size}")
+    if m.kind == ModelKind.gpt:
+        _resolve_vocab(cfg)
     shared: dict[tuple[type, str], tuple[int, Any]] = {}
     for i, rule in enumerate(cfg.rules):
         try:
@@ -486,6 +495,28 @@ def validate(cfg: Config) -> None:
                 _require(first[1] == getattr(spec, name), f"rules.{i}.{key}.{name}",
                          f"{getattr(spec, name)} differs from rules.{first[0]}: it applies "
                          "to the whole optimiser")
+
+
+def _resolve_vocab(cfg: Config) -> None:
+    """Set ``model.vocab_size`` from the data when it is null; refuse one smaller than the
+    data's vocabulary (256 for byte sources, ``meta.json``'s for a prepared corpus)."""
+    m, d = cfg.model, cfg.data
+    where, data_vocab = "byte-level data", 256
+    if d.source == DataSource.tokens:
+        from sparsejax.corpus import read_meta
+
+        meta = read_meta(d.path) if Path(d.path).is_dir() else None
+        where = f"{Path(d.path) / 'meta.json'}"
+        data_vocab = None if meta is None else int(meta["vocab_size"])
+    if m.vocab_size is None:
+        _require(data_vocab is not None, "model.vocab_size",
+                 f"must be set for {d.path}: a token file without meta.json does not say "
+                 "its vocabulary (or prepare it with `sparsejax prepare`)")
+        m.vocab_size = data_vocab
+    _require(m.vocab_size > 0, "model.vocab_size", f"must be > 0, got {m.vocab_size}")
+    if data_vocab is not None:
+        _require(m.vocab_size >= data_vocab, "model.vocab_size",
+                 f"{m.vocab_size} is smaller than the vocabulary of {where} ({data_vocab})")
 
 
 def _validate_rule(rule: RuleConfig, prefix: str, steps: int) -> dict[str, Any]:

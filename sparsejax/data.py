@@ -9,8 +9,10 @@ Sources (``data.source``):
   standard-library ``*.py`` files (sorted by name, top-level directory only). Real text on
   every machine, so the default experiment needs no download.
 * ``text`` - any file, read as raw bytes (vocabulary 256).
-* ``tokens`` - a ``uint16`` token file read by memmap (nanoGPT's ``.bin`` format), or a
-  directory holding ``train.bin`` and ``val.bin``.
+* ``tokens`` - a directory written by ``sparsejax prepare`` (``train.bin``, ``val.bin``,
+  ``meta.json`` giving the dtype and vocabulary, ``tokenizer.json``), read by memmap; or a
+  bare ``uint16`` token file / directory of ``train.bin`` and ``val.bin`` (nanoGPT's
+  format), whose vocabulary the config must state.
 * ``digits`` - scikit-learn's bundled 8x8 digits, 64 features in [0, 1], 10 classes.
 
 The validation split is the tail ``val_fraction`` of the corpus (contiguous, so no
@@ -73,6 +75,9 @@ class TokenData:
     val: np.ndarray  # (N_val,)
     vocab_size: int
     byte_level: bool  # tokens are raw bytes: bits per token == bits per byte
+    # bytes of text per token id (from the corpus's tokenizer), for bits per byte; None for
+    # a bare token file
+    token_bytes: np.ndarray | None = None
 
     def train_batch(self, seed: int, step: int, batch_size: int, block_size: int,
                     rows: slice | None = None) -> dict[str, np.ndarray]:
@@ -85,11 +90,16 @@ class TokenData:
 
     def eval_batches(self, num_batches: int, batch_size: int, block_size: int
                      ) -> list[dict[str, np.ndarray]]:
-        """Fixed validation windows spread evenly over the held-out tail."""
+        """Fixed validation windows spread evenly over the held-out tail; with a
+        tokenizer, ``y_bytes`` (B, T) float32 gives the bytes of text of each target."""
         count = num_batches * batch_size
         starts = np.linspace(0, len(self.val) - block_size - 1, count).astype(np.int64)
-        return [_windows(self.val, starts[i * batch_size:(i + 1) * batch_size], block_size)
-                for i in range(num_batches)]
+        batches = [_windows(self.val, starts[i * batch_size:(i + 1) * batch_size], block_size)
+                   for i in range(num_batches)]
+        if self.token_bytes is not None:
+            for batch in batches:
+                batch["y_bytes"] = self.token_bytes[batch["y"]].astype(np.float32)
+        return batches
 
 
 def _windows(stream: np.ndarray, starts: np.ndarray, block_size: int) -> dict[str, np.ndarray]:
@@ -153,11 +163,25 @@ def load_token_data(cfg: DataConfig, block_size: int, vocab_size: int) -> TokenD
                 raw = raw[:cfg.max_bytes]
         tokens = np.frombuffer(raw, dtype=np.uint8)
         train, val = _split_stream(tokens, cfg.val_fraction, min_len, what)
-        return TokenData(train=train, val=val, vocab_size=256, byte_level=True)
+        return TokenData(train=train, val=val, vocab_size=256, byte_level=True,
+                         token_bytes=np.ones(256, np.int32))
     if cfg.source == DataSource.tokens:
+        from sparsejax.corpus import Tokenizer, read_meta
+
         path = Path(cfg.path)
+        meta = read_meta(path) if path.is_dir() else None
+        dtype, token_bytes = np.dtype(np.uint16), None
+        if meta is not None:
+            if meta["vocab_size"] > vocab_size:
+                raise ValueError(f"{path / 'meta.json'}: vocabulary {meta['vocab_size']} is "
+                                 f"larger than model.vocab_size={vocab_size}")
+            dtype = np.dtype(meta["dtype"])
+            tokenizer = Tokenizer.for_corpus(path)
+            token_bytes = np.zeros(vocab_size, np.int32)  # padded rows stand for nothing
+            token_bytes[:tokenizer.vocab_size] = tokenizer.token_bytes()
         if path.is_dir():
-            train, val = (_memmap_tokens(path / "train.bin"), _memmap_tokens(path / "val.bin"))
+            train, val = (_memmap_tokens(path / "train.bin", dtype),
+                          _memmap_tokens(path / "val.bin", dtype))
             for name, arr in (("train.bin", train), ("val.bin", val)):
                 if len(arr) <= min_len:
                     raise ValueError(f"{path / name}: {len(arr)} tokens, need > {min_len}")
@@ -168,17 +192,19 @@ def load_token_data(cfg: DataConfig, block_size: int, vocab_size: int) -> TokenD
             if top >= vocab_size:
                 raise ValueError(f"{path}: {name} split holds token id {top} but "
                                  f"model.vocab_size={vocab_size}")
-        return TokenData(train=train, val=val, vocab_size=vocab_size, byte_level=False)
+        byte_level = meta is not None and meta["tokenizer"] == "bytes"
+        return TokenData(train=train, val=val, vocab_size=vocab_size, byte_level=byte_level,
+                         token_bytes=token_bytes)
     raise ValueError(f"data.source={cfg.source.value} is not a token source")
 
 
-def _memmap_tokens(path: Path) -> np.ndarray:
+def _memmap_tokens(path: Path, dtype: np.dtype = np.dtype(np.uint16)) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"token file not found: {path}")
-    if path.stat().st_size % 2:
-        raise ValueError(f"{path}: size {path.stat().st_size} bytes is odd; expected uint16 "
-                         "tokens (nanoGPT .bin format)")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    if path.stat().st_size % dtype.itemsize:
+        raise ValueError(f"{path}: size {path.stat().st_size} bytes is not a multiple of "
+                         f"{dtype.itemsize}; expected {dtype.name} tokens")
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 def load_digits_data(cfg: DataConfig) -> ClassificationData:

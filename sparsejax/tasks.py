@@ -87,8 +87,15 @@ class LanguageModelTask(Task):
         self.cfg = cfg
         self.data = load_token_data(d, m.block_size, m.vocab_size)
         self.items_per_batch = d.batch_size * m.block_size
+        # bits per byte wherever the tokens' bytes are known (raw bytes, a prepared
+        # corpus): one scale for byte-level and subword runs; bits per token otherwise
         self.bits_name = "bpb" if self.data.byte_level else "bits_per_token"
-        self.eval_metric_names = ("loss", self.bits_name)
+        names = ["loss"]
+        if self.data.token_bytes is not None:
+            names.append("bpb")
+        if not self.data.byte_level:
+            names.append("bits_per_token")
+        self.eval_metric_names = tuple(names)
         self._eval = self.data.eval_batches(cfg.train.eval_batches, d.batch_size, m.block_size)
 
     def train_batch(self, step: int, rows: slice | None = None) -> dict[str, np.ndarray]:
@@ -103,11 +110,13 @@ class LanguageModelTask(Task):
     def eval_sums(model, batch):
         logits = model(batch["x"])
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
-        return {"loss": nll.sum(), "count": jnp.asarray(nll.size, jnp.float32)}
+        sums = {"loss": nll.sum(), "count": jnp.asarray(nll.size, jnp.float32)}
+        if "y_bytes" in batch:
+            sums["bytes"] = batch["y_bytes"].sum()
+        return sums
 
     def finish_eval(self, sums):
-        loss = sums["loss"] / sums["count"]
-        return {"loss": loss, self.bits_name: loss / math.log(2)}
+        return lm_eval_metrics(sums, self.eval_metric_names)
 
     def summary(self):
         vocab = self.data.vocab_size
@@ -115,6 +124,18 @@ class LanguageModelTask(Task):
         sample = self.data.train[: 1 << 26]
         return {"train_tokens": len(self.data.train), "val_tokens": len(self.data.val),
                 f"unigram_entropy_{self.bits_name}": unigram_entropy_bits(sample, vocab)}
+
+
+def lm_eval_metrics(sums: dict[str, float], names: tuple[str, ...]) -> dict[str, float]:
+    """Validation metrics from summed negative log-likelihoods (nats): ``loss`` (nats per
+    token), ``bits_per_token`` = loss / ln 2 and ``bpb`` = total nats / ln 2 / total bytes
+    of text the targets stand for."""
+    out = {"loss": sums["loss"] / sums["count"]}
+    if "bpb" in names:
+        out["bpb"] = sums["loss"] / math.log(2) / sums["bytes"]
+    if "bits_per_token" in names:
+        out["bits_per_token"] = out["loss"] / math.log(2)
+    return out
 
 
 class ClassificationTask(Task):

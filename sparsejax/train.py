@@ -77,6 +77,7 @@ __all__ = ["NonFiniteLossError", "RunDirError", "TrainState", "init_model", "loa
 
 # Keys that may change between a run and its resumption without changing what it computes.
 RESUMABLE_KEYS = ("logging.log_every", "logging.progress", "logging.tensorboard",
+                  "train.grad_accum",  # the same update, in micro-batches
                   "checkpoint.keep", "checkpoint.async_save",
                   # a run may continue on another mesh (checkpoints are resharded on restore)
                   "mesh.data", "mesh.fsdp", "mesh.tensor")
@@ -187,7 +188,7 @@ def build_optimizer(cfg: Config, model: nnx.Module
 
 
 def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransformation,
-                    use_dropout: bool, frozen_labels: Any = None):
+                    use_dropout: bool, frozen_labels: Any = None, grad_accum: int = 1):
     """The pure train step ``(params, rest, opt_state, rng, batch, step) ->
     (params, rest, opt_state, metrics)``; ``metrics['finite']`` is False when the loss,
     the gradient or the updated parameters hold a NaN/Inf.
@@ -197,11 +198,17 @@ def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransf
     task loss alone). Transforms with a gradient-time hook (``Transform.update``) then
     rewrite their weight, state and gradient, before the optimiser. ``frozen_labels``:
     parameters labelled ``weights`` get no gradient (zeroed before clipping, so XLA drops
-    their weight-gradient GEMMs)."""
+    their weight-gradient GEMMs).
 
-    def train_step(params, rest, opt_state, rng, batch, step):
-        key = jax.random.fold_in(jax.random.wrap_key_data(rng), step) if use_dropout else None
+    ``grad_accum = k > 1``: the batch is split into ``k`` micro-batches (rows ``i::k``, so a
+    batch sharded over devices splits without moving data), a ``lax.scan`` sums their
+    gradients, and the mean - the full batch's gradient, as micro-batches are equal - goes
+    to the hooks and the optimiser once. Every micro-batch starts from the step's
+    transform state, as one full-batch call would (a stochastic transform draws the same
+    mask or noise for all of them, as it does for all rows of a batch); the dropout key is
+    folded with the micro-batch index. Activations live for one micro-batch at a time."""
 
+    def forward_backward(params, rest, batch, key):
         def loss_of(p):
             # copy=True: transforms update their state (counters) inside the grad trace,
             # which NNX only allows on variables created in that trace.
@@ -214,6 +221,33 @@ def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransf
             return objective, (loss, {**aux, **terms}, nnx.split(model, nnx.Param, ...)[2])
 
         (_, (loss, aux, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        return grads, loss, aux, new_rest
+
+    def accumulate(params, rest, batch, key):
+        micro = jax.tree.map(lambda x: jnp.swapaxes(
+            x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 0, 1), batch)
+
+        def body(carry, inputs):
+            index, part = inputs
+            part_key = None if key is None else jax.random.fold_in(key, index)
+            grads, loss, aux, new_rest = forward_backward(params, rest, part, part_key)
+            sums = jax.tree.map(jnp.add, carry[0], (grads, loss, aux))
+            return (sums, new_rest), None
+
+        first = jax.eval_shape(forward_backward, params, rest,
+                               jax.tree.map(lambda x: x[0], micro), key)
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), first[:3])
+        (sums, new_rest), _ = jax.lax.scan(body, (zeros, rest),
+                                           (jnp.arange(grad_accum), micro))
+        grads, loss, aux = jax.tree.map(lambda x: x / grad_accum, sums)
+        return grads, loss, aux, new_rest
+
+    def train_step(params, rest, opt_state, rng, batch, step):
+        key = jax.random.fold_in(jax.random.wrap_key_data(rng), step) if use_dropout else None
+        if grad_accum > 1:
+            grads, loss, aux, new_rest = accumulate(params, rest, batch, key)
+        else:
+            grads, loss, aux, new_rest = forward_backward(params, rest, batch, key)
         model = nnx.merge(graphdef, params, new_rest, copy=True)
         if has_updates(model):  # gradient-time hooks (decided while tracing)
             grad_model = nnx.merge(graphdef, grads, new_rest, copy=True)
@@ -605,7 +639,8 @@ def _train_on_mesh(cfg: Config, run_dir: Path, resuming: bool, task: Task,
         progress.message(f"resuming {run_dir} from step {start}")
     writer = _open_writer(cfg, run_dir, task, start, resuming) if lead else None
     replicated = NamedSharding(mesh, PartitionSpec())
-    train_step = jax.jit(make_train_step(graphdef, task, tx, cfg.model.dropout > 0, frozen),
+    train_step = jax.jit(make_train_step(graphdef, task, tx, cfg.model.dropout > 0, frozen,
+                                         cfg.train.grad_accum),
                          out_shardings=(shardings["params"], shardings["rest"],
                                         shardings["opt_state"], replicated))
     eval_step = jax.jit(make_eval_step(graphdef, task), out_shardings=replicated)
