@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 _DIGITS_SPLIT_SEED = 1234  # fixed so the split does not move with the training seed
+_BARE_TOKENS = np.dtype(np.uint16)  # nanoGPT's .bin
 
 
 def stdlib_corpus(max_bytes: int = 0) -> bytes:
@@ -170,7 +171,7 @@ def load_token_data(cfg: DataConfig, block_size: int, vocab_size: int) -> TokenD
 
         path = Path(cfg.path)
         meta = read_meta(path) if path.is_dir() else None
-        dtype, token_bytes = np.dtype(np.uint16), None
+        dtype, token_bytes = _BARE_TOKENS, None
         if meta is not None:
             if meta["vocab_size"] > vocab_size:
                 raise ValueError(f"{path / 'meta.json'}: vocabulary {meta['vocab_size']} is "
@@ -198,7 +199,7 @@ def load_token_data(cfg: DataConfig, block_size: int, vocab_size: int) -> TokenD
     raise ValueError(f"data.source={cfg.source.value} is not a token source")
 
 
-def _memmap_tokens(path: Path, dtype: np.dtype = np.dtype(np.uint16)) -> np.ndarray:
+def _memmap_tokens(path: Path, dtype: np.dtype = _BARE_TOKENS) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"token file not found: {path}")
     if path.stat().st_size % dtype.itemsize:

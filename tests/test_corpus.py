@@ -13,8 +13,8 @@ import pytest
 
 from sparsejax import corpus
 from sparsejax.cli import main
-from sparsejax.config import ConfigError, DataConfig, DataSource, load_config
-from sparsejax.corpus import PrepareError, Tokenizer, prepare, token_dtype
+from sparsejax.config import ConfigError, load_config
+from sparsejax.corpus import Tokenizer, prepare, token_dtype
 from sparsejax.data import load_token_data
 from sparsejax.tasks import LanguageModelTask, lm_eval_metrics
 from tests.conftest import TINY_GPT
