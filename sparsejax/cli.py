@@ -104,6 +104,17 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from sparsejax.sample import sample
+
+    result = sample(args.run_dir, args.prompt, args.max_new_tokens, args.temperature,
+                    args.top_k, args.seed, args.step, args.pack)
+    print(result.prompt + result.text)
+    print(f"\n[{result.new_tokens} tokens in {result.seconds:.2f} s: "
+          f"{result.tokens_per_sec:.1f} tokens/s with a KV cache]", file=sys.stderr)
+    return 0
+
+
 def _cmd_layers(args: argparse.Namespace) -> int:
     from sparsejax.nn import Activation, named_layers
     from sparsejax.train import init_model
@@ -225,6 +236,19 @@ def make_parser() -> argparse.ArgumentParser:
     prep.add_argument("--overwrite", action="store_true",
                       help="replace an earlier preparation in --out")
     prep.set_defaults(func=_cmd_prepare)
+    smp = sub.add_parser("sample", help="continue a prompt with a trained run's model "
+                         "(KV-cached decoding)")
+    smp.add_argument("run_dir", help="run directory (latest checkpoint) or "
+                     "<run>/checkpoints/<step>")
+    smp.add_argument("--prompt", default="", help="text to continue (default: start of text)")
+    smp.add_argument("--max-new-tokens", type=int, default=200)
+    smp.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    smp.add_argument("--top-k", type=int, default=40, help="0: no cut")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--step", type=int, default=None, help="checkpoint step")
+    smp.add_argument("--pack", action="store_true",
+                     help="run 2:4 sparse layers packed (their sparse kernel)")
+    smp.set_defaults(func=_cmd_sample)
     layers = sub.add_parser("layers", help="list the layers' paths (for rules)")
     layers.add_argument("config")
     layers.add_argument("overrides", nargs="*")

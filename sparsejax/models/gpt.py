@@ -17,7 +17,9 @@ from flax import nnx
 
 from sparsejax.nn import Activation, Embed, LayerNorm, Linear, dropout, shard_batch
 
-__all__ = ["GPT"]
+__all__ = ["GPT", "KVCache"]
+
+KVCache = dict[str, jax.Array]  # one layer's {"k", "v"}: (B, block_size, n_head, head_dim)
 
 
 def _fold(key: jax.Array | None, i: int) -> jax.Array | None:
@@ -43,6 +45,24 @@ class CausalSelfAttention(nnx.Module):
         y = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
                                          is_causal=True)
         return dropout(self.proj(y.reshape(b, t, c)), self.dropout_rate, key)
+
+    def cached(self, x: jax.Array, cache: KVCache, pos: jax.Array
+               ) -> tuple[jax.Array, KVCache]:
+        """``x``: (B, T, C), the tokens at positions ``pos .. pos + T - 1``; their keys and
+        values are written into ``cache`` (``k``, ``v``: (B, L, H, D)) and each query
+        attends to the cached positions up to its own. Returns (B, T, C) and the cache."""
+        b, t, c = x.shape
+        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        shape = (b, t, self.n_head, c // self.n_head)
+        start = (0, pos, 0, 0)
+        keys = jax.lax.dynamic_update_slice(cache["k"], k.reshape(shape).astype(
+            cache["k"].dtype), start)
+        values = jax.lax.dynamic_update_slice(cache["v"], v.reshape(shape).astype(
+            cache["v"].dtype), start)
+        visible = jnp.arange(keys.shape[1])[None, :] <= (pos + jnp.arange(t))[:, None]
+        y = jax.nn.dot_product_attention(q.reshape(shape), keys.astype(q.dtype),
+                                         values.astype(q.dtype), mask=visible[None, None])
+        return self.proj(y.reshape(b, t, c)), {"k": keys, "v": values}
 
 
 class MLP(nnx.Module):
@@ -74,6 +94,12 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
         x = x + self.attn(self.ln_1(x), _fold(key, 0))
         return x + self.mlp(self.ln_2(x), _fold(key, 1))
+
+    def cached(self, x: jax.Array, cache: KVCache, pos: jax.Array
+               ) -> tuple[jax.Array, KVCache]:
+        y, cache = self.attn.cached(self.ln_1(x), cache, pos)
+        x = x + y
+        return x + self.mlp(self.ln_2(x), None), cache
 
 
 class GPT(nnx.Module):
@@ -114,12 +140,37 @@ class GPT(nnx.Module):
         logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits.astype(jnp.float32)
 
+    def init_cache(self, batch: int, dtype: jnp.dtype = jnp.float32) -> list[KVCache]:
+        """An empty KV cache of ``block_size`` positions per layer: ``[{"k", "v"}]`` of
+        shape (B, block_size, n_head, head_dim)."""
+        attn = self.blocks[0].attn
+        n_embd = self.wpe.embedding.shape[1]
+        shape = (batch, self.block_size, attn.n_head, n_embd // attn.n_head)
+        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                for _ in self.blocks]
+
+    def forward_cached(self, ids: jax.Array, cache: list[KVCache], pos: jax.Array
+                       ) -> tuple[jax.Array, list[KVCache]]:
+        """Logits (B, T, vocab) of ``ids`` (B, T) at positions ``pos .. pos + T - 1``,
+        attending to the ``cache`` of the earlier positions (no dropout), and the updated
+        cache. The same numbers as ``self(...)`` on the whole sequence; ``pos + T`` must
+        not exceed ``block_size``. Prefill: ``pos = 0``; decoding: one token at a time."""
+        t = ids.shape[-1]
+        x = self.wte(ids) + self.wpe(pos + jnp.arange(t))
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
+            x, layer_cache = block.cached(x, layer_cache, pos)
+            new_cache.append(layer_cache)
+        x = self.ln_f(x)
+        logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits.astype(jnp.float32), new_cache
+
     def generate(self, prompt: jax.Array, key: jax.Array, max_new_tokens: int,
                  temperature: float = 1.0) -> jax.Array:
         """Sample ``max_new_tokens`` continuations of ``prompt`` (B, T0) -> (B, T0 + new).
 
-        Plain loop over a cropped context (no KV cache): meant for looking at samples of
-        small models, not for serving.
+        Plain loop over a cropped context that recomputes it every token (no KV cache): a
+        reference for :mod:`sparsejax.sample`, which decodes through a cache.
         """
         ids = prompt
         for i in range(max_new_tokens):
