@@ -635,6 +635,11 @@ def _train_on_mesh(cfg: Config, run_dir: Path, resuming: bool, task: Task,
     ckpt, state, start, prior_seconds = _open_run_dir(cfg, run_dir, state, lead)
     progress = Progress(cfg.train.steps, start,
                         mode=cfg.logging.progress if verbose and lead else "none")
+    if not start:
+        progress.message(f"{cfg.name}: {count_params(state.params) / 1e6:.1f}M parameters, "
+                         f"{task.items_per_batch:,} {task.item_name} per step"
+                         + (f" in {cfg.train.grad_accum} micro-batches"
+                            if cfg.train.grad_accum > 1 else ""))
     if resuming and start:
         progress.message(f"resuming {run_dir} from step {start}")
     writer = _open_writer(cfg, run_dir, task, start, resuming) if lead else None

@@ -178,3 +178,11 @@ def test_an_earlier_preparation_is_kept_unless_overwrite(tmp_path, capsys):
                  "--overwrite"]) == 0
     assert json.loads((out / "meta.json").read_text())["vocab_size"] == 300
     assert (out / "tokenizer.json").is_file() and not list(out.glob(".*partial"))
+
+
+def test_the_committed_bpe_corpus_is_what_prepare_rebuilds(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the README's command, run from the repository root
+    committed = REPO / "data" / "shakespeare_bpe"
+    prepare(["data/tinyshakespeare.txt"], tmp_path / "again", vocab_size=2048, progress=False)
+    for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (committed / name).read_bytes(), name

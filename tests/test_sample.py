@@ -1,5 +1,6 @@
 """KV-cached decoding: logits equal to the uncached forward (float32, 1e-5) for dense,
-sparse and quantised models in their inference form; greedy tokens equal to the
+sparse, quantised and analog (converters on, noise off at inference) models in their
+inference form; greedy tokens equal to the
 uncached loop; the cache rebuilt when the block fills; ``sparsejax sample`` deterministic
 under a seed, on byte-level and BPE runs."""
 
@@ -26,6 +27,9 @@ RULES = {
     "sste+dat": [{"path": r"blocks/\d+/mlp/(fc|proj)", "sparsity": {"method": "sste"},
                   "quant": {"weights": {"method": "dat", "bits": 4, "affine": False}}}],
     "maskllm": [{"path": r"blocks/\d+/mlp/fc", "sparsity": {"method": "maskllm"}}],
+    "analog": [{"path": r"blocks/\d+/(mlp/fc|attn/proj)",
+                "analog": {"method": "tile", "weight_noise": 0.05, "dac_bits": 8,
+                           "adc_bits": 8}}],
 }
 
 
@@ -125,3 +129,14 @@ def test_a_bpe_run_samples_through_its_tokenizer(tmp_path):
     result = sample(tmp_path / "r", "ROMEO:", 30, seed=0)
     assert result.prompt == "ROMEO:" and result.new_tokens == 30
     assert len(result.text) > 30  # BPE tokens stand for more than a byte on average
+
+
+def test_packed_2_4_layers_decode_the_same_greedy_tokens():
+    from sparsejax.nn import pack_model
+
+    model = tiny_gpt([{"path": r"blocks/\d+/mlp/(fc|proj)", "sparsity": {"method": "sste"}}])
+    prompt = np.asarray([5, 9, 2])
+    dense = Decoder(model, temperature=0.0).generate(prompt, 8, jax.random.key(0))
+    assert pack_model(model)  # the layers whose packed form is smaller
+    packed = Decoder(model, temperature=0.0).generate(prompt, 8, jax.random.key(0))
+    assert packed.tolist() == dense.tolist()
