@@ -370,7 +370,8 @@ def compare_checkpoints(paths: list[str | Path], step: int | None = None,
     points, note = _plan(list(paths), steps)
     if note and progress:
         progress(note)
-    root = None if logdir is None else _prepare_logdir(Path(logdir) / (name or "compare"))
+    root = None if logdir is None else Path(logdir) / (name or "compare")
+    partial = None if root is None else _prepare_logdir(root)
     pairs: list[Pair] = []
     rows: list[dict[str, Any]] = []
     notes: list[dict[str, Any]] = []
@@ -386,8 +387,8 @@ def compare_checkpoints(paths: list[str | Path], step: int | None = None,
             for i, b in enumerate(loaded[1:]):
                 if len(pairs) <= i:
                     pairs.append(_make_pair(i, a, b))
-                    if root is not None:
-                        writers.append(_open_writer(root / pairs[i].name))
+                    if partial is not None:
+                        writers.append(_open_writer(partial / pairs[i].name))
                 shared = [p for p in a.weights
                           if p in b.weights and b.weights[p].shape == a.weights[p].shape]
                 for path in shared:
@@ -405,9 +406,16 @@ def compare_checkpoints(paths: list[str | Path], step: int | None = None,
         for pair, writer in zip(pairs, writers, strict=False):  # no writers: no logdir
             _write_summary(writer, pair, result, layout=writer is writers[0],
                            hparam_keys=sorted({k for p in pairs for k in p.diff}))
-    finally:
+    except BaseException:
         for writer in writers:
             writer.close()
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    for writer in writers:
+        writer.close()
+    if partial is not None:
+        _publish_logdir(partial, root)
     return result
 
 
@@ -533,16 +541,24 @@ def _figure_pixels(fig) -> np.ndarray:
 
 
 def _prepare_logdir(root: Path) -> Path:
-    """A fresh ``root``: an earlier comparison written there is replaced; anything else
-    there is left alone and refused."""
-    if root.exists() and any(root.iterdir()):
-        if not (root / MARKER).is_file():
-            raise CompareError(f"{root} exists and was not written by sparsejax compare; "
-                               "pass another --name or --logdir")
+    """The directory to write into: ``.<name>.partial`` beside ``root``, moved over
+    ``root`` by :func:`_publish_logdir` once everything is written (so a failed run leaves
+    an earlier comparison as it was). A ``root`` that holds anything this command did not
+    write is refused."""
+    if root.exists() and any(root.iterdir()) and not (root / MARKER).is_file():
+        raise CompareError(f"{root} exists and was not written by sparsejax compare; "
+                           "pass another --name or --logdir")
+    partial = root.with_name(f".{root.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    (partial / MARKER).write_text("written by sparsejax compare; replaced when it runs again\n")
+    return partial
+
+
+def _publish_logdir(partial: Path, root: Path) -> None:
+    if root.exists():
         shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MARKER).write_text("written by sparsejax compare; replaced when it runs again\n")
-    return root
+    partial.rename(root)
 
 
 def _open_writer(run: Path):

@@ -341,10 +341,17 @@ def test_corrupt_checkpoint_is_one_line_exit_2(runs, tmp_path, capsys):
     for f in (broken / "checkpoints" / "20" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 1000:
             f.write_bytes(b"\0" * 10)  # truncate the array data
-    code = main(["compare", str(runs["dense"]), str(broken), "--steps", "20",
-                 "--logdir", str(tmp_path / "tb")])
+    assert main(["compare", str(runs["dense"]), str(runs["sste"]), "--logdir",
+                 str(tmp_path / "tb"), "--name", "cmp"]) == 0
+    earlier = sorted(p.name for p in (tmp_path / "tb" / "cmp").iterdir())
+    capsys.readouterr()
+    code = main(["compare", str(runs["dense"]), str(broken), "--steps", "10,20",
+                 "--logdir", str(tmp_path / "tb"), "--name", "cmp"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and str(broken) in err
+    # failed at step 20, after step 10 was written: the earlier comparison stays
+    assert sorted(p.name for p in (tmp_path / "tb" / "cmp").iterdir()) == earlier
+    assert [p.name for p in (tmp_path / "tb").iterdir()] == ["cmp"]
 
 
 def test_compare_needs_two_checkpoints(runs):
