@@ -17,11 +17,15 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/sparsejax train $(CONFIG) $(ARGS)
 
+# Two workers (pytest-xdist), one test file per worker at a time: module fixtures (trained
+# runs) are built once, and the two cores are both busy.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(PYTEST) -m "not slow"
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -113,8 +113,6 @@ def test_every_shipped_config_loads_and_starts_with_its_command():
         text = path.read_text().splitlines()
         assert text[0].startswith("# Run:") and "sparsejax train" in text[0], path
         assert any(line.startswith("# Expect:") for line in text[:4]), path
-        if "shakespeare" in path.name and not (REPO.parent / "shared").exists():
-            continue
         cwd = os.getcwd()
         try:
             os.chdir(REPO)

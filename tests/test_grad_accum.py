@@ -38,7 +38,7 @@ def one_step(overrides: list[str], grad_accum: int, steps: int = 2):
 
 
 @pytest.mark.parametrize("extra", [[], [SSTE], [RIGL]], ids=["dense", "sste", "rigl-hook"])
-@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("k", [pytest.param(2, marks=pytest.mark.slow), 4])
 def test_accumulated_step_equals_the_full_batch_step(extra, k):
     full_params, full = one_step(extra, 1)
     acc_params, acc = one_step(extra, k)
@@ -49,12 +49,14 @@ def test_accumulated_step_equals_the_full_batch_step(extra, k):
         np.testing.assert_allclose(y, x, rtol=2e-4, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_accumulation_with_dropout_differs_per_micro_batch_but_trains():
     _, one = one_step(["model.dropout=0.1"], 1)
     _, four = one_step(["model.dropout=0.1"], 4)
     assert np.isfinite(four[-1]["loss"]) and four[-1]["loss"] != one[-1]["loss"]
 
 
+@pytest.mark.slow
 def test_a_run_with_accumulation_resumes_from_one_without(tmp_path):
     base = [*TINY_GPT, "train.steps=20", f"run_dir={tmp_path / 'r'}", "name=r"]
     run(load_config(None, base), verbose=False)

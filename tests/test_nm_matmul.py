@@ -102,7 +102,7 @@ def test_pack_errors_name_the_problem(kwargs, shape, needle):
 # --------------------------------------------------------------------------- kernel
 
 
-@pytest.mark.parametrize("rows", [1, 7, 64, 512])
+@pytest.mark.parametrize("rows", [1, 7, 64, pytest.param(512, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("k, n_cols", [(512, 256), (4 * 160, 128)])
 @pytest.mark.parametrize("dtype, tol", [
     (jnp.float32, 2e-5), pytest.param(jnp.bfloat16, 2e-2, marks=pytest.mark.slow)])

@@ -46,21 +46,26 @@ def tiny_gpt(rules: list, block_size: int = 16, seed: int = 0) -> GPT:
 def test_cached_logits_equal_the_uncached_forward(name, prefill):
     model = tiny_gpt(RULES[name])
     ids = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
-    full = model(ids)
-    cache = model.init_cache(2)
-    logits, cache = model.forward_cached(ids[:, :prefill], cache, jnp.int32(0))
+    full = nnx.jit(lambda m, x: m(x))(model, ids)
+    cached = nnx.jit(lambda m, x, c, p: m.forward_cached(x, c, p))
+    logits, cache = cached(model, ids[:, :prefill], model.init_cache(2), jnp.int32(0))
     pieces = [logits]
     for pos in range(prefill, 16):
-        logits, cache = model.forward_cached(ids[:, pos:pos + 1], cache, jnp.int32(pos))
+        logits, cache = cached(model, ids[:, pos:pos + 1], cache, jnp.int32(pos))
         pieces.append(logits)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5, rtol=1e-5)
 
 
 def greedy_uncached(model: GPT, prompt: list[int], new: int) -> list[int]:
+    """The reference: the whole context (right-padded to the block, which causal attention
+    ignores) through the plain forward for every token."""
+    forward = nnx.jit(lambda m, x: m(x))
     ids = list(prompt)
     for _ in range(new):
-        logits = model(jnp.asarray([ids[-model.block_size:]]))[0, -1]
-        ids.append(int(jnp.argmax(logits)))
+        context = ids[-model.block_size:]
+        window = np.zeros((1, model.block_size), np.int32)
+        window[0, :len(context)] = context
+        ids.append(int(jnp.argmax(forward(model, window)[0, len(context) - 1])))
     return ids[len(prompt):]
 
 
@@ -79,8 +84,7 @@ def test_a_full_block_rebuilds_the_cache_from_the_last_half_block():
     assert len(got) == 20
     # the token after the rebuild sees exactly the last 8 tokens of the context
     context = prompt + got[:1].tolist()
-    window = context[-8:]
-    assert int(got[1]) == int(jnp.argmax(model(jnp.asarray([window]))[0, -1]))
+    assert int(got[1]) == greedy_uncached(tiny_gpt([]), context[-8:], 1)[0]
 
 
 def test_top_k_and_temperature_restrict_the_draws():

@@ -169,7 +169,8 @@ GRAD_POINTS = [(0.5, 3.0), (7.0, 20.0), (13.5, 12.0), (80.0, 250.0), (0.3, 5000.
 
 
 @pytest.mark.parametrize("name", [  # the scaled forms share the code paths: slow
-    "log_iv", "log_kv", pytest.param("log_ive", marks=pytest.mark.slow),
+    "log_iv", pytest.param("log_kv", marks=pytest.mark.slow),
+    pytest.param("log_ive", marks=pytest.mark.slow),
     pytest.param("log_kve", marks=pytest.mark.slow)])
 def test_derivatives_in_both_arguments_match_finite_differences(name):
     f = {"log_iv": log_iv, "log_kv": log_kv, "log_ive": log_ive, "log_kve": log_kve}[name]

@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -98,6 +99,7 @@ def _per_block(a: np.ndarray, block: int) -> list[np.ndarray]:
     return [a[i:i + block, c] for c in range(a.shape[1]) for i in range(0, a.shape[0], block)]
 
 
+@pytest.mark.slow  # ~16 s of examples; the default suite counts levels in test_quant_training.py
 @SETTINGS
 @given(blocked_arrays(), st.booleans())
 def test_quantize_and_dat_use_at_most_2_to_the_bits_levels_per_block(case, affine):

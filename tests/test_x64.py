@@ -89,7 +89,11 @@ def test_random_transform_keeps_the_input_dtype_with_x64_on(name):
             assert np.all(np.isfinite(np.asarray(out))), name
 
 
-@pytest.mark.parametrize("name", sorted(DETERMINISTIC))
+HEAVY_X64 = {"log_bessel_reference", "nm_matmul_pallas"}  # ~5 s each: in the slow suite
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY_X64
+                                  else n for n in sorted(DETERMINISTIC)])
 def test_float64_input_keeps_its_dtype_and_agrees_with_float32(name):
     """With x64 on, a float32 input gives float32 and the answer it gives with x64 off; a
     float64 input gives float64 within float32 precision of it."""
