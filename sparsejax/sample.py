@@ -135,11 +135,11 @@ def sample(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 200,
     from sparsejax.nn import pack_model
     from sparsejax.train import load_model, resolve_checkpoint
 
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} must be >= 1")
     message = message or (lambda text: print(text, file=sys.stderr))
     run_dir, step = resolve_checkpoint(run_dir, step)
     model, cfg, _ = load_model(run_dir, step)
-    if max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens {max_new_tokens} must be >= 1")
     tokenizer = run_tokenizer(cfg)
     ids = tokenizer.encode(prompt) if prompt else np.asarray(
         [tokenizer.eot_id if tokenizer.eot_id is not None else ord("\n")], np.int64)
