@@ -602,6 +602,7 @@ def _write_summary(writer, pair: Pair, comparison: Comparison, layout: bool,
 
     rows = [r for r in comparison.rows if r["pair"] == pair.name and "note" not in r]
     steps = comparison.steps(pair)
+    means = comparison.means(pair)  # every metric's mean per step, computed once
     drawn: list[str] = []
     for metric in METRICS:
         series: dict[str, list[tuple[int, float]]] = {}
@@ -615,7 +616,7 @@ def _write_summary(writer, pair: Pair, comparison: Comparison, layout: bool,
         for layer, points in series.items():
             for s, v in points:
                 writer.add_scalar(f"{metric}/{layer}", v, s)
-        for mean in comparison.means(pair):
+        for mean in means:
             writer.add_scalar(f"mean/{metric}", mean[metric], mean["step"])
         writer.add_image(f"overview/{metric}", _figure_pixels(
             comparison.overview_figure(metric, pair)), steps[-1], dataformats="HWC")

@@ -78,21 +78,24 @@ class Decoder:
         token, cache = self._prefill(self.state, jnp.asarray([context], jnp.int32),
                                      jax.random.fold_in(key, 0))
         pos, out = len(context), []
+
+        def on_host() -> list[int]:
+            return [int(t[0]) for t in jax.device_get(out)]
+
         for i in range(1, max_new_tokens + 1):
             out.append(token)
             if i == max_new_tokens:
                 break
             step_key = jax.random.fold_in(key, i)
             if pos == self.block_size:  # full: rebuild the cache from the last half block
-                done = [int(t[0]) for t in jax.device_get(out)]
-                window = (context + done)[-(self.block_size // 2):]
+                window = (context + on_host())[-(self.block_size // 2):]
                 token, cache = self._prefill(self.state, jnp.asarray([window], jnp.int32),
                                              step_key)
                 pos = len(window)
                 continue
             token, cache = self._step(self.state, token, cache, jnp.int32(pos), step_key)
             pos += 1
-        return np.asarray([int(t[0]) for t in jax.device_get(out)], np.int64)
+        return np.asarray(on_host(), np.int64)
 
 
 @dataclass
