@@ -87,9 +87,11 @@ class Tokenizer:
                                f"({str(err).splitlines()[0]})") from None
 
     @classmethod
-    def for_corpus(cls, directory: str | Path) -> Tokenizer:
-        """The tokenizer of a prepared corpus directory (bytes when it has none)."""
-        meta = read_meta(directory)
+    def for_corpus(cls, directory: str | Path, meta: dict[str, Any] | None = None
+                   ) -> Tokenizer:
+        """The tokenizer of a prepared corpus directory (bytes when it has none);
+        ``meta``: its ``meta.json`` when the caller has read it already."""
+        meta = meta or read_meta(directory)
         if meta is None or meta["tokenizer"] == "bytes":
             return cls()
         return cls.from_file(Path(directory) / "tokenizer.json")
@@ -141,13 +143,13 @@ class Tokenizer:
 
 
 def _chunks(path: Path, size: int = CHUNK_BYTES, start: int = 0, stop: int | None = None
-            ) -> Iterator[bytes]:
-    """Bytes ``[start, stop)`` of ``path`` in pieces of about ``size`` that end at line
-    ends (where there is one), so no line is cut."""
+            ) -> Iterator[tuple[int, bytes]]:
+    """``(offset, bytes)``: bytes ``[start, stop)`` of ``path`` in pieces of about ``size``
+    that end at line ends (where there is one), so no line is cut."""
     stop = path.stat().st_size if stop is None else stop
     with open(path, "rb") as f:
         f.seek(start)
-        left, carry = stop - start, b""
+        left, carry, offset = stop - start, b"", start
         while left > 0 or carry:
             block = f.read(min(size, left)) if left > 0 else b""
             left -= len(block)
@@ -163,7 +165,8 @@ def _chunks(path: Path, size: int = CHUNK_BYTES, start: int = 0, stop: int | Non
             else:
                 carry = b""
             if data:
-                yield data
+                yield offset, data
+                offset += len(data)
 
 
 def _text(chunk: bytes, path: Path, offset: int) -> str:
@@ -219,10 +222,8 @@ def train_bpe(sources: list[Path], vocab_size: int, progress: bool = False) -> T
 
     def texts() -> Iterator[str]:
         for path in sources:
-            offset = 0
-            for chunk in _chunks(path):
+            for offset, chunk in _chunks(path):
                 yield from _pieces(_text(chunk, path, offset))
-                offset += len(chunk)
 
     hf.train_from_iterator(texts(), trainer=trainer)
     return Tokenizer(hf)
@@ -310,15 +311,13 @@ def prepare(corpora: list[str | Path], out: str | Path, tokenizer: str = "bpe",
                 cut = _split_point(path, val_fraction)
                 for split, (start, stop) in (("train", (0, cut)),
                                              ("val", (cut, path.stat().st_size))):
-                    offset = start
-                    for chunk in _chunks(path, start=start, stop=stop):
+                    for offset, chunk in _chunks(path, start=start, stop=stop):
                         text = _text(chunk, path, offset) if tok.hf is not None else chunk
                         ids = (tok.encode_pieces(_pieces(text)) if tok.hf is not None
                                else tok.encode(text))
                         files[split].write(ids.astype(dtype).tobytes())
                         counts[split]["tokens"] += len(ids)
                         counts[split]["bytes"] += len(chunk)
-                        offset += len(chunk)
                         bar.update(len(chunk))
                     if tok.eot_id is not None:
                         files[split].write(np.asarray([tok.eot_id], dtype).tobytes())

@@ -177,7 +177,7 @@ def load_token_data(cfg: DataConfig, block_size: int, vocab_size: int) -> TokenD
                 raise ValueError(f"{path / 'meta.json'}: vocabulary {meta['vocab_size']} is "
                                  f"larger than model.vocab_size={vocab_size}")
             dtype = np.dtype(meta["dtype"])
-            tokenizer = Tokenizer.for_corpus(path)
+            tokenizer = Tokenizer.for_corpus(path, meta)
             token_bytes = np.zeros(vocab_size, np.int32)  # padded rows stand for nothing
             token_bytes[:tokenizer.vocab_size] = tokenizer.token_bytes()
         if path.is_dir():

@@ -121,10 +121,11 @@ def run_tokenizer(cfg: Config):
     if cfg.data.source in (DataSource.stdlib, DataSource.text):
         return Tokenizer()
     path = Path(cfg.data.path)
-    if not path.is_dir() or read_meta(path) is None:
+    meta = read_meta(path) if path.is_dir() else None
+    if meta is None:
         raise ConfigError(f"data.path {path} has no meta.json: the run's tokenizer is "
                           "unknown (prepare corpora with `sparsejax prepare`)")
-    return Tokenizer.for_corpus(path)
+    return Tokenizer.for_corpus(path, meta)
 
 
 def sample(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 200,

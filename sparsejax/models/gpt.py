@@ -37,32 +37,30 @@ class CausalSelfAttention(nnx.Module):
         self.proj = Linear(n_embd, n_embd, kernel_init=resid_init, axes=("heads", "embed"),
                            dtype=dtype, rngs=rngs)
 
+    def _heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values of ``x`` (B, T, C), each (B, T, n_head, C / n_head)."""
+        b, t, c = x.shape
+        shape = (b, t, self.n_head, c // self.n_head)
+        return tuple(part.reshape(shape) for part in jnp.split(self.qkv(x), 3, axis=-1))
+
     def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
         """``x``: (B, T, C) -> (B, T, C)."""
-        b, t, c = x.shape
-        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
-        shape = (b, t, self.n_head, c // self.n_head)
-        y = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
-                                         is_causal=True)
-        return dropout(self.proj(y.reshape(b, t, c)), self.dropout_rate, key)
+        y = jax.nn.dot_product_attention(*self._heads(x), is_causal=True)
+        return dropout(self.proj(y.reshape(x.shape)), self.dropout_rate, key)
 
     def cached(self, x: jax.Array, cache: KVCache, pos: jax.Array
                ) -> tuple[jax.Array, KVCache]:
         """``x``: (B, T, C), the tokens at positions ``pos .. pos + T - 1``; their keys and
         values are written into ``cache`` (``k``, ``v``: (B, L, H, D)) and each query
         attends to the cached positions up to its own. Returns (B, T, C) and the cache."""
-        b, t, c = x.shape
-        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
-        shape = (b, t, self.n_head, c // self.n_head)
+        q, k, v = self._heads(x)
         start = (0, pos, 0, 0)
-        keys = jax.lax.dynamic_update_slice(cache["k"], k.reshape(shape).astype(
-            cache["k"].dtype), start)
-        values = jax.lax.dynamic_update_slice(cache["v"], v.reshape(shape).astype(
-            cache["v"].dtype), start)
-        visible = jnp.arange(keys.shape[1])[None, :] <= (pos + jnp.arange(t))[:, None]
-        y = jax.nn.dot_product_attention(q.reshape(shape), keys.astype(q.dtype),
-                                         values.astype(q.dtype), mask=visible[None, None])
-        return self.proj(y.reshape(b, t, c)), {"k": keys, "v": values}
+        keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+        values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+        visible = jnp.arange(keys.shape[1])[None, :] <= (pos + jnp.arange(x.shape[1]))[:, None]
+        y = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
+                                         mask=visible[None, None])
+        return self.proj(y.reshape(x.shape)), {"k": keys, "v": values}
 
 
 class MLP(nnx.Module):
@@ -136,6 +134,10 @@ class GPT(nnx.Module):
         x = shard_batch(dropout(x, self.dropout_rate, _fold(dropout_key, 0)))
         for i, block in enumerate(self.blocks):
             x = shard_batch(block(x, _fold(dropout_key, i + 1)))
+        return self._logits(x)
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """The final LayerNorm and the (tied or own) output head, in float32."""
         x = self.ln_f(x)
         logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits.astype(jnp.float32)
@@ -161,9 +163,7 @@ class GPT(nnx.Module):
         for block, layer_cache in zip(self.blocks, cache, strict=True):
             x, layer_cache = block.cached(x, layer_cache, pos)
             new_cache.append(layer_cache)
-        x = self.ln_f(x)
-        logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits.astype(jnp.float32), new_cache
+        return self._logits(x), new_cache
 
     def generate(self, prompt: jax.Array, key: jax.Array, max_new_tokens: int,
                  temperature: float = 1.0) -> jax.Array:
