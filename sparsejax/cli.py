@@ -7,6 +7,8 @@
     sparsejax sample RUN_DIR [--prompt TEXT] [--max-new-tokens 200] [--temperature 0.8]
     sparsejax compare CHECKPOINT [CHECKPOINT ...] [--steps N,N] [--logdir runs/compare]
     sparsejax evaluate-analog RUN_DIR [--times 60,3600,...] [--repeats 5]
+    sparsejax prune RUN_DIR --method magnitude|wanda|sparsegpt|dsf --sparsity S | --nm N:M
+        --out NEW_RUN_DIR [--layers REGEX] [--calib-batches 32]
 
 Configuration problems print one line to stderr and exit with code 2 before anything is
 written; a diverged run exits with code 3.
@@ -205,6 +207,34 @@ def _cmd_evaluate_analog(args: argparse.Namespace) -> int:
     return 0
 
 
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    import yaml
+
+    return key, yaml.safe_load(value)
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from sparsejax.posttrain import parse_nm, prune_run
+
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    report = prune_run(args.run_dir, args.out, method=args.method, sparsity=args.sparsity,
+              nm=None if args.nm is None else parse_nm(args.nm), layers=args.layers,
+              calib_batches=args.calib_batches, calib_seed=args.calib_seed,
+              sequential=not args.parallel, step=args.step, options=dict(args.option),
+              progress=None if args.quiet else print)
+    before, after = report["before"], report["after"]
+    print(f"validation loss {before['loss']:.4f} -> {after['loss']:.4f} after pruning "
+          f"{len(report['per_layer'])} layers to density {report['density']:.3f} "
+          f"({report['prune_seconds']:.1f} s); written {args.out}")
+    print(f"fine-tune with the masks kept: sparsejax train {args.out}/config.yaml "
+          f"train.init_from={args.out} run_dir=<NEW> train.steps=<N>")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsejax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -291,6 +321,39 @@ def make_parser() -> argparse.ArgumentParser:
                         help="report directory (default <run_dir>/analog_eval/<time>)")
     analog.add_argument("--quiet", action="store_true")
     analog.set_defaults(func=_cmd_evaluate_analog)
+    prune = sub.add_parser(
+        "prune", help="one-shot post-training pruning of a trained run with calibration "
+        "data (magnitude, Wanda, SparseGPT, DSF)",
+        description="Prune the linear layers of a trained run, calibrated on batches of "
+        "its training data, layer by layer in forward order (each layer sees the outputs "
+        "of the already pruned ones), and write the pruned model as a new run directory "
+        "(step 0) that compare, evaluate-analog, sample and train.init_from read. Prints "
+        "the validation loss before and after.")
+    prune.add_argument("run_dir", help="run directory (latest checkpoint) or "
+                       "<run>/checkpoints/<step>")
+    prune.add_argument("--method", required=True, metavar="magnitude|wanda|sparsegpt|dsf")
+    pattern = prune.add_mutually_exclusive_group(required=True)
+    pattern.add_argument("--sparsity", type=float, default=None,
+                         help="unstructured: fraction of each layer's weights removed")
+    pattern.add_argument("--nm", default=None, metavar="N:M",
+                         help="keep N of every M weights along the inputs, e.g. 2:4")
+    prune.add_argument("--out", required=True, help="new run directory (must not exist)")
+    prune.add_argument("--layers", default=".*", metavar="REGEX",
+                       help="layer paths to prune (default: every linear layer; list them "
+                       "with `sparsejax layers`)")
+    prune.add_argument("--calib-batches", type=int, default=32,
+                       help="training batches of calibration data (default: %(default)s)")
+    prune.add_argument("--calib-seed", type=int, default=None,
+                       help="seed of the calibration batches (default: the run's)")
+    prune.add_argument("--parallel", action="store_true",
+                       help="calibrate every layer on the dense model in one pass instead "
+                       "of sequentially")
+    prune.add_argument("--option", type=_option, action="append", default=[],
+                       metavar="KEY=VALUE", help="a method field, e.g. rounds=20 (dsf) or "
+                       "blocksize=64 (sparsegpt); repeatable")
+    prune.add_argument("--step", type=int, default=None, help="checkpoint step")
+    prune.add_argument("--quiet", action="store_true")
+    prune.set_defaults(func=_cmd_prune)
     return parser
 
 

@@ -193,13 +193,15 @@ class RuleConfig:
     """One path rule: ``path`` is a regex matched (``re.fullmatch``) against the
     ``/``-joined module path of each layer (``blocks/0/mlp/fc``; list them with
     ``sparsejax layers CONFIG``). The first matching rule wins. Blocks (each a method's
-    fields, ``docs/methods.md``): ``sparsity`` (default method ``sste``), ``quant.weights``
+    fields, ``docs/methods.md``): ``sparsity`` (default method ``sste``) or ``prune``
+    (post-training pruning written by ``sparsejax prune``; default ``sparsegpt``), ``quant.weights``
     / ``quant.activations`` (default ``dat``), ``analog`` (default ``tile``; linear layers
     take its weight / output / converter fields, activation layers its ``act_*`` ones).
     With several, weights are pruned, then quantised, then put on the analog tile."""
 
     path: str = ".*"
     sparsity: TransformBlock | None = None
+    prune: TransformBlock | None = None
     quant: QuantRuleConfig | None = None
     analog: TransformBlock | None = None
 

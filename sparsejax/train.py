@@ -56,6 +56,7 @@ from sparsejax.nn import (
     param_labels,
     snapshot_changes,
     snapshots,
+    transform_slots,
 )
 from sparsejax.reporting import Progress, TensorBoardWriter, format_table
 from sparsejax.sharding import (
@@ -329,6 +330,35 @@ def load_params_into(model: nnx.Module, source: nnx.Module, origin: str) -> list
     return copied
 
 
+def carry_calibrated_state(model: nnx.Module, source: nnx.Module) -> list[str]:
+    """Copy, in place, the params and state of every calibrated transform of ``model``
+    (:attr:`~sparsejax.transforms.Transform.calibrated`: post-training pruning, whose masks
+    nothing recomputes) from the transform of the same method at the same layer and stage
+    of ``source``. Returns the copied paths."""
+    found = {(path, stage): slot for path, _, stage, slot in transform_slots(source)}
+    copied = []
+    for path, _, stage, slot in transform_slots(model):
+        other = found.get((path, stage))
+        if (not slot.spec.calibrated or other is None
+                or (other.spec.kind, other.spec.method) != (slot.spec.kind, slot.spec.method)):
+            continue
+        for kind in ("params", "state"):
+            theirs = getattr(other, kind)
+            for name, variable in getattr(slot, kind).items():
+                if name in theirs and theirs[name][...].shape == variable.shape:
+                    variable[...] = theirs[name][...]
+                    copied.append(f"{path}/{stage}/{kind}/{name}")
+    return copied
+
+
+def uncalibrated_layers(model: nnx.Module) -> list[str]:
+    """Paths of the layers whose calibrated transform has not been calibrated (a
+    ``prune`` rule on weights that ``sparsejax prune`` never saw)."""
+    return [path for path, _, _, slot in transform_slots(model)
+            if slot.spec.calibrated and "pruned" in slot.state
+            and not bool(slot.state["pruned"][...])]
+
+
 def evaluate_model(model: nnx.Module, cfg: Config, task: Task | None = None
                    ) -> dict[str, float]:
     """Validation metrics of ``model`` (in its inference form: ``model.eval()`` is applied
@@ -343,9 +373,12 @@ def evaluate_model(model: nnx.Module, cfg: Config, task: Task | None = None
 def init_model(cfg: Config, load_init: bool = True) -> nnx.Module:
     """The initial model of ``cfg``: built from the seed, its parameters replaced by those
     of ``train.init_from`` when set (and ``load_init``), then configured by its rules (so
-    S-STE's beta and MaskLLM's prior see the loaded weights). Raises :class:`ConfigError`
-    when a rule cannot apply or the init checkpoint does not fit."""
+    S-STE's beta and MaskLLM's prior see the loaded weights; the masks and factors of
+    post-training pruning are carried over from the source, :func:`carry_calibrated_state`).
+    Raises :class:`ConfigError` when a rule cannot apply or the init checkpoint does not
+    fit."""
     model = build_model(cfg, nnx.Rngs(params=cfg.train.seed))
+    source = None
     if cfg.train.init_from and load_init:
         run_dir, step = resolve_checkpoint(cfg.train.init_from)
         try:
@@ -357,6 +390,8 @@ def init_model(cfg: Config, load_init: bool = True) -> nnx.Module:
         apply_rules(model, cfg.rules, total_steps=cfg.train.steps)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if source is not None:  # masks of post-training pruning: set up above, then carried
+        carry_calibrated_state(model, source)
     return model
 
 
@@ -491,6 +526,11 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
         p.name.isdigit() for p in checkpoints.iterdir())
     with _out_of_memory_in_one_line(cfg, "building the model"):
         model = init_model(cfg, load_init=not has_checkpoint)
+    unpruned = [] if has_checkpoint else uncalibrated_layers(model)
+    if unpruned:
+        raise ConfigError(f"a prune rule matches {unpruned[0]}, which was never pruned: set "
+                          "train.init_from to a run written by `sparsejax prune` (it carries "
+                          "the masks), or prune this one first")
     mesh = make_mesh(cfg.mesh)
     check_transform_sharding(model, mesh)
     with jax.set_mesh(mesh):  # models pin their activations to this mesh (shard_batch)

@@ -9,7 +9,8 @@ transforms path rules give them (``sparsejax.transforms``); no layer knows any m
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,8 @@ from sparsejax.transforms import (
 )
 
 __all__ = ["ACTIVATIONS", "BATCH_AXES", "LINEAR_STAGES", "Activation", "Embed", "LayerNorm",
-           "Linear", "PackedState", "WeightOverride", "dropout", "pack_model", "shard_batch"]
+           "Linear", "PackedState", "WeightOverride", "dropout", "pack_model", "shard_batch",
+           "tap_linear_inputs"]
 
 Axes = tuple[str | None, ...]
 Initializer = nnx.initializers.Initializer
@@ -39,6 +41,23 @@ DEFAULT_EMBED_INIT = nnx.initializers.normal(0.02)
 # sparsify, then quantise, then the analog tile - and the matmul the pipeline selects.
 LINEAR_STAGES = (("act_quant", "activations"),
                  *((stage, "weights") for stage in WEIGHT_STAGES))
+
+
+# Functions that see every Linear's input (``tap_linear_inputs``); empty in normal use.
+_INPUT_TAPS: list[Callable[[Linear, jax.Array], None]] = []
+
+
+@contextlib.contextmanager
+def tap_linear_inputs(fn: Callable[[Linear, jax.Array], None]) -> Iterator[None]:
+    """Within the block, every :class:`Linear` call passes ``(layer, x)`` to ``fn``, ``x``
+    the input its weight multiplies (after the input transform), in call order - at trace
+    time under ``jax.jit``. Calibration (``sparsejax.posttrain``) reads layer inputs so,
+    without the model knowing."""
+    _INPUT_TAPS.append(fn)
+    try:
+        yield
+    finally:
+        _INPUT_TAPS.remove(fn)
 
 
 class PackedState(nnx.Variable):
@@ -171,6 +190,8 @@ class Linear(nnx.Module):
         x = x.astype(dtype)
         if self.act_quant is not None:
             x = self.act_quant(x, ctx)
+        for tap in _INPUT_TAPS:
+            tap(self, x)
         if self.packed is not None:
             y = nm_matmul(x, self.packed)
         else:

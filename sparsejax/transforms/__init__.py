@@ -5,7 +5,7 @@ per file under ``sparsity/``, ``quant/`` and ``analog/`` and register themselves
 when this package is imported. Adding a method: ``docs/adding-a-method.md``.
 """
 
-from sparsejax.transforms import analog, quant, sparsity
+from sparsejax.transforms import analog, prune, quant, sparsity
 from sparsejax.transforms.base import (
     DEFAULT_METHOD,
     RULE_BLOCKS,
@@ -30,5 +30,5 @@ from sparsejax.transforms.base import (
 
 __all__ = ["DEFAULT_METHOD", "RULE_BLOCKS", "WEIGHT_STAGES", "Context", "Metrics",
            "ParamGroup", "Site", "SpecError", "Transform", "View", "analog", "build_spec",
-           "check_pipeline", "methods", "quant", "register", "rule_field", "rule_specs",
+           "check_pipeline", "methods", "prune", "quant", "register", "rule_field", "rule_specs",
            "select_matmul", "spec_class", "spec_fields", "sparsity"]

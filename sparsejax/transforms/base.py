@@ -96,7 +96,7 @@ class ParamGroup:
 
 _REGISTRY: dict[str, dict[str, type[Transform]]] = {}
 # The method a block without ``method:`` gets (the configs' historical defaults).
-DEFAULT_METHOD = {"sparsity": "sste", "quant": "dat", "analog": "tile"}
+DEFAULT_METHOD = {"sparsity": "sste", "quant": "dat", "analog": "tile", "prune": "sparsegpt"}
 
 
 def register(kind: str, method: str):
@@ -202,6 +202,10 @@ class Transform:
     optimizer_fields: ClassVar[tuple[str, ...]] = ()
     # The name of the discrete choice :meth:`snapshot` returns (logged as ``<name>_changed``).
     snapshot_name: ClassVar[str] = "mask"
+    # Whether the params and state are a calibration's result (:meth:`calibrate`, post-
+    # training pruning) that nothing recomputes: ``train.init_from`` carries them over
+    # from the same method at the same layer of the source run.
+    calibrated: ClassVar[bool] = False
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -325,6 +329,12 @@ class Transform:
         """The weight in inference form (:meth:`inference` without its metrics)."""
         return self.inference(w, params, state, site)[0]
 
+    def calibrate(self, site: Site, view: View, h: jax.Array) -> View:
+        """Post-training: the tensor, params and state after the method has seen
+        calibration data, from the trained ``view`` and ``h = X^T X`` ``(in, in)``, the
+        Gram matrix of the layer's calibration inputs (``sparsejax.posttrain``)."""
+        raise NotImplementedError(f"{self.kind} method '{self.method}' takes no calibration")
+
     def pack(self, w: jax.Array) -> Any:
         """The inference packing of an already transformed weight (e.g. ``PackedNM``),
         or None when the method has none."""
@@ -341,6 +351,7 @@ class Transform:
 # The transform blocks of a path rule: (config key, kind, Linear stage). ``quant`` is split
 # by the tensor it acts on; a new *method* needs none of this, a new *kind* of block does.
 RULE_BLOCKS = (("sparsity", "sparsity", "sparsity"),
+               ("prune", "prune", "sparsity"),
                ("quant.weights", "quant", "weight_quant"),
                ("quant.activations", "quant", "act_quant"),
                ("analog", "analog", "analog"))
@@ -355,7 +366,7 @@ def rule_field(obj: Any, name: str) -> Any:
 
 def rule_specs(rule: Any) -> dict[str, tuple[str, Transform]]:
     """``{stage: (config key, spec)}`` of a rule's blocks (a rule: any object or mapping
-    with ``sparsity`` / ``quant.weights`` / ``quant.activations`` / ``analog`` entries,
+    with ``sparsity`` or ``prune`` / ``quant.weights`` / ``quant.activations`` / ``analog`` entries,
     each a mapping with a ``method`` or a spec object). The weight transforms are checked
     together (:func:`check_pipeline`). Raises :class:`SpecError` whose ``field`` is the
     key inside the rule (``sparsity.mvue``)."""
@@ -371,6 +382,9 @@ def rule_specs(rule: Any) -> dict[str, tuple[str, Transform]]:
                 kind, block if isinstance(block, Mapping) else vars(block))
         except SpecError as err:
             raise SpecError(f"{key}.{err.field}", str(err), unknown=err.unknown) from None
+        if stage in out:
+            raise SpecError(key, f"'{key}' and '{out[stage][0]}' both set the layer's "
+                            f"{stage} stage; a rule takes one of them")
         out[stage] = (key, spec)
     chain = [out[stage] for stage in WEIGHT_STAGES if stage in out]
     try:
