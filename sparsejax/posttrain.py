@@ -23,6 +23,7 @@ weight. This module runs them on a model:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import shutil
@@ -114,14 +115,10 @@ def call_order(model: nnx.Module, example: np.ndarray) -> list[str]:
     return list(dict.fromkeys(order))
 
 
-def input_grams(model: nnx.Module, batches: Sequence[np.ndarray], paths: Sequence[str]
-                ) -> dict[str, jax.Array]:
-    """``{path: H}`` with ``H = sum over batches and tokens of x^T x`` ``(in, in)``
-    (float32) of the input of each layer in ``paths``, ``model`` as it is, in inference
-    form (a layer called several times sums over its calls)."""
-    model.eval()
-    graphdef, state = nnx.split(model)
-    wanted = frozenset(paths)
+@functools.lru_cache(maxsize=64)
+def _gram_function(graphdef: nnx.GraphDef, wanted: frozenset[str]) -> Callable:
+    """The jitted ``(state, x) -> {path: x^T x}`` of the layers ``wanted`` (cached per
+    model structure, so a sequential pass compiles once per layer, not once per call)."""
 
     @jax.jit
     def grams(state, x):
@@ -132,6 +129,17 @@ def input_grams(model: nnx.Module, batches: Sequence[np.ndarray], paths: Sequenc
                 out[path] = out.get(path, 0.0) + v.T @ v
         return out
 
+    return grams
+
+
+def input_grams(model: nnx.Module, batches: Sequence[np.ndarray], paths: Sequence[str]
+                ) -> dict[str, jax.Array]:
+    """``{path: H}`` with ``H = sum over batches and tokens of x^T x`` ``(in, in)``
+    (float32) of the input of each layer in ``paths``, ``model`` as it is, in inference
+    form (a layer called several times sums over its calls)."""
+    model.eval()
+    graphdef, state = nnx.split(model)
+    grams = _gram_function(graphdef, frozenset(paths))
     total: dict[str, jax.Array] = {}
     for x in batches:
         for path, g in grams(state, jnp.asarray(x)).items():
