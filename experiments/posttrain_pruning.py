@@ -141,7 +141,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "results.csv", rows)
     dense_loss = rows[0]["dense_val_loss"]
-    write_report(out_dir, rows, dense_loss, dense_ft, args)
+    write_report(out_dir, rows, dense_loss, dense_ft, args, describe_dense(dense_dir))
     plot(out_dir / "losses.png", rows, dense_loss, dense_ft)
     print(f"written {out_dir}/results.md, results.csv, losses.png")
 
@@ -164,16 +164,30 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+def describe_dense(run_dir: Path) -> dict[str, str]:
+    """What the report says about the dense run (read from its config and results)."""
+    from sparsejax.train import read_saved_config
+
+    cfg = read_saved_config(run_dir / "config.yaml")
+    results = json.loads((run_dir / "results.json").read_text())
+    m = cfg.model
+    return {"model": f"{m.n_layer} layers, {m.n_embd} wide, {results['params'] / 1e6:.2f}M "
+                     "parameters",
+            "steps": str(cfg.train.steps), "data": Path(cfg.data.path or "stdlib").name,
+            "layers": str(4 * m.n_layer),
+            "batch": f"{cfg.data.batch_size} x {m.block_size}"}
+
+
 def write_report(out_dir: Path, rows: list[dict], dense_loss: float, dense_ft: float,
-                 args: argparse.Namespace) -> None:
+                 args: argparse.Namespace, dense: dict[str, str]) -> None:
     lines = [
         "# Post-training pruning of a dense GPT: magnitude, Wanda, SparseGPT, DSF", "",
         "`python experiments/posttrain_pruning.py "
         + " ".join(a for a in sys.argv[1:]) + "`", "",
-        f"Byte-level GPT (4 layers, 128 wide, 0.8M parameters) trained dense for "
-        f"{args.dense_steps} steps on tinyshakespeare; the 16 transformer-block linears "
-        f"pruned one-shot, calibrated sequentially on {args.calib_batches} training "
-        f"batches (32 x 128 tokens each), {len(args.seeds)} calibration seeds; then "
+        f"Byte-level GPT ({dense['model']}) trained dense for {dense['steps']} steps on "
+        f"{dense['data']}; the {dense['layers']} transformer-block linears pruned one-shot, "
+        f"calibrated sequentially on {args.calib_batches} training batches "
+        f"({dense['batch']} tokens each), calibration seeds {args.seeds}; then "
         f"{args.finetune_steps} steps of masked fine-tuning (lr {args.finetune_lr:g}). "
         "Validation loss in nats per byte on the fixed validation batches. Sparsity is "
         "simulated (dense matmuls with zeros; DSF multiplies its two factors).", "",
@@ -188,7 +202,7 @@ def write_report(out_dir: Path, rows: list[dict], dense_loss: float, dense_ft: f
                      f"{s['pruned']:.4f} | {spread} | {s['error']:.4f} | "
                      f"{s['finetuned']:.4f} | {s['seconds']:.1f} |")
     lines += ["", "Mean layer output error: `||X W - X W^||^2 / ||X W||^2` on each layer's "
-              "own calibration inputs, averaged over the 16 layers. Density: stored weights "
+              "own calibration inputs, averaged over the layers. Density: stored weights "
               "over the pruned layers' size (per-column budgets round to whole weights for "
               "magnitude and Wanda).", "", "![losses](losses.png)", ""]
     (out_dir / "results.md").write_text("\n".join(lines))

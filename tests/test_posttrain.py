@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sparsejax.posttrain import PruneError, prune_layer
-from sparsejax.transforms import SpecError, Site, View, build_spec
+from sparsejax.transforms import Site, SpecError, View, build_spec
 from sparsejax.transforms.prune import weighted_error
 from sparsejax.transforms.prune.dsf import dsf_factorize
 
