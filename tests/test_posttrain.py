@@ -257,3 +257,23 @@ def test_a_rule_cannot_both_prune_and_sparsify_one_layer():
     with pytest.raises(SpecError, match="both set the layer's sparsity stage"):
         rule_specs({"path": ".*", "sparsity": {"method": "ste"},
                     "prune": {"method": "wanda"}})
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "dsf"])
+def test_float64_inputs_are_pruned_in_float64(method):
+    """With ``jax_enable_x64``, float64 weights and Gram matrices stay float64 end to end:
+    SparseGPT's one-weight removal then matches OBS's closed form to 1e-9."""
+    with jax.enable_x64(True):
+        w, _, h = correlated_layer(12, 1 if method == "sparsegpt" else 8, seed=4)
+        w, h = w.astype(np.float64), h.astype(np.float64)
+        w[0, 0] = 1e-3
+        kwargs = {"sparsity": 1 / 12} if method == "sparsegpt" else {"sparsity": 0.5}
+        if method == "dsf":
+            kwargs["rounds"] = 3
+        result = prune_layer(method, w, h, **kwargs)
+        assert result.weight.dtype == jnp.float64
+        if method == "sparsegpt":
+            h_inv = np.linalg.inv(dampened_numpy(h))
+            expected = w[:, 0] - w[0, 0] / h_inv[0, 0] * h_inv[:, 0]
+            np.testing.assert_allclose(np.asarray(result.weight)[:, 0], expected, rtol=1e-9,
+                                       atol=1e-12)

@@ -25,7 +25,7 @@ from sparsejax.sparsity import check_nm, nm_mask
 from sparsejax.transforms.base import Context, Metrics, Site, SpecError, State, Transform, View
 
 __all__ = ["DAMPENING", "PruneError", "PruneResult", "PostTrainingPruning", "column_mask",
-           "dampened", "pattern_mask", "weighted_error"]
+           "compute_dtype", "dampened", "pattern_mask", "weighted_error"]
 
 # SparseGPT's dampening: lambda = 1 % of the mean diagonal of H.
 DAMPENING = 0.01
@@ -57,13 +57,20 @@ class PruneResult:
         return int(sum(jnp.sum(m) for m in masks))
 
 
+def compute_dtype(*arrays: Any) -> jnp.dtype:
+    """float64 when any input is float64 (``jax_enable_x64`` on), else float32: the
+    methods compute in at least float32 whatever the weights' storage dtype."""
+    return jnp.result_type(jnp.float32, *(jnp.asarray(a).dtype for a in arrays))
+
+
 def dampened(h: jax.Array, w: jax.Array, fraction: float = DAMPENING
              ) -> tuple[jax.Array, jax.Array]:
     """``(H + lambda I, w)`` with ``lambda = fraction * mean(diag H)`` over the features
     that ever fired; a dead input feature (``H_jj = 0``) gets ``H_jj = 1`` and its row of
     ``w`` zeroed (it never contributes). Raises :class:`PruneError` when every feature is
     dead or the result is not positive definite."""
-    h = jnp.asarray(h, jnp.float32)
+    dtype = compute_dtype(h, w)
+    h, w = jnp.asarray(h, dtype), jnp.asarray(w, dtype)
     diag = jnp.diag(h)
     dead = diag == 0
     if bool(jnp.all(dead)):
@@ -77,8 +84,9 @@ def dampened(h: jax.Array, w: jax.Array, fraction: float = DAMPENING
 
 def weighted_error(w: jax.Array, w_hat: jax.Array, h: jax.Array) -> jax.Array:
     """``tr[(W - W^)^T H (W - W^)]`` = ``||X W - X W^||_F^2`` for ``H = X^T X``."""
-    d = (w - w_hat).astype(jnp.float32)
-    return jnp.sum(d * (jnp.asarray(h, jnp.float32) @ d))
+    dtype = compute_dtype(w, w_hat, h)
+    d = jnp.asarray(w, dtype) - jnp.asarray(w_hat, dtype)
+    return jnp.sum(d * (jnp.asarray(h, dtype) @ d))
 
 
 def column_mask(score: jax.Array, prune: int) -> jax.Array:

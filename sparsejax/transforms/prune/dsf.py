@@ -47,6 +47,7 @@ from sparsejax.transforms.prune.common import (
     PostTrainingPruning,
     PruneError,
     PruneResult,
+    compute_dtype,
     weighted_error,
 )
 from sparsejax.transforms.sparsity.unstructured import top_k_mask
@@ -135,8 +136,8 @@ def dsf_factorize(w: jax.Array, h: jax.Array, sparsity: float, rounds: int = 40,
     ``sparsity`` (fraction of ``in * out`` not stored by the two factors together).
     Returns ``weight = A @ B``, ``factors = (A, B)``, their masks and
     ``info["error"]``: the weighted error after each round (then after the refit)."""
-    w = jnp.asarray(w, jnp.float32)
-    h = jnp.asarray(h, jnp.float32)
+    dtype = compute_dtype(w, h)  # float32, or float64 for float64 inputs
+    w, h = jnp.asarray(w, dtype), jnp.asarray(h, dtype)
     n_in, n_out = w.shape
     budget = round((1.0 - sparsity) * n_in * n_out)
     r = min(n_in, n_out)
@@ -151,7 +152,7 @@ def dsf_factorize(w: jax.Array, h: jax.Array, sparsity: float, rounds: int = 40,
     # Wn = W * scale[:, None] (its factorizeT)
     square_out = n_out < n_in
     wn = (w.T * scale[None, :]) if square_out else (w * scale[:, None])
-    sq, sq_u = jnp.eye(r, dtype=jnp.float32), jnp.zeros((r, r), jnp.float32)
+    sq, sq_u = jnp.eye(r, dtype=dtype), jnp.zeros((r, r), dtype)
     other = jnp.where(top_k_mask(jnp.abs(wn), nnz_other // 2), wn, 0.0)
     other_u = jnp.zeros_like(other)
     sq_mask = other_mask = None
@@ -165,7 +166,7 @@ def dsf_factorize(w: jax.Array, h: jax.Array, sparsity: float, rounds: int = 40,
 
     errors = []
     for t in range(rounds):
-        rho = jnp.float32(min(1.0, t / max(rounds - 3, 1)) ** 3)
+        rho = jnp.asarray(min(1.0, t / max(rounds - 3, 1)) ** 3, dtype)
         sq, sq_u, sq_mask, other, other_u, other_mask = _round(
             wn, sq, sq_u, other, other_u, rho, nnz_square, nnz_other)
         a, b = product(sq, other)

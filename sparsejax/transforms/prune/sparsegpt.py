@@ -51,7 +51,7 @@ def inverse_cholesky_upper(h: jax.Array) -> jax.Array:
     upper = jnp.linalg.cholesky(h_inv).T
     if not bool(jnp.all(jnp.isfinite(upper))):
         raise PruneError("the inverse of the dampened calibration Gram matrix is not "
-                         "positive definite in float32 (ill-conditioned inputs)")
+                         "positive definite at this precision (ill-conditioned inputs)")
     return upper
 
 
@@ -59,7 +59,7 @@ def _ranked_lowest(score: jax.Array, count: jax.Array | int) -> jax.Array:
     """Boolean mask of the ``count`` lowest entries of ``score`` (ties: lower flat index)."""
     flat = score.ravel()
     order = jnp.argsort(flat, stable=True)
-    ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size))
+    ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
     return (ranks < count).reshape(score.shape)
 
 
@@ -105,7 +105,7 @@ def sparsegpt_prune(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5, n: int
     """SparseGPT on ``w`` ``(in, out)`` with calibration Gram ``h`` ``(in, in)``:
     unstructured at ``sparsity`` (``n = 0``) or ``n:m`` along the inputs. Returns the
     pruned, updated weight and its mask."""
-    h, w = dampened(h, jnp.asarray(w, jnp.float32), dampening)
+    h, w = dampened(h, w, dampening)  # float32, or float64 for float64 inputs
     upper = inverse_cholesky_upper(h)
     w_t = w.T  # (out, in): the reference's layout, features as columns
     out, cols = w_t.shape

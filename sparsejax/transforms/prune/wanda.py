@@ -12,16 +12,23 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.transforms.base import register
-from sparsejax.transforms.prune.common import PostTrainingPruning, PruneResult, pattern_mask
+from sparsejax.transforms.prune.common import (
+    PostTrainingPruning,
+    PruneResult,
+    compute_dtype,
+    pattern_mask,
+)
 
 __all__ = ["Wanda", "wanda_score"]
 
 
 def wanda_score(w: jax.Array, h: jax.Array) -> jax.Array:
     """``|W_ij| * ||X_i||_2`` ``(in, out)``, with ``||X_i||_2^2 = H_ii`` (the Gram
-    matrix's diagonal is the per-feature sum of squares, accumulated in float32)."""
-    norms = jnp.sqrt(jnp.maximum(jnp.diag(jnp.asarray(h, jnp.float32)), 0.0))
-    return jnp.abs(w.astype(jnp.float32)) * norms[:, None]
+    matrix's diagonal is the per-feature sum of squares); in float32, or float64 for
+    float64 inputs."""
+    dtype = compute_dtype(w, h)
+    norms = jnp.sqrt(jnp.maximum(jnp.diag(jnp.asarray(h, dtype)), 0.0))
+    return jnp.abs(jnp.asarray(w, dtype)) * norms[:, None]
 
 
 @register("prune", "wanda")
