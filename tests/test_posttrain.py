@@ -159,7 +159,8 @@ def test_a_calibration_matrix_of_zeros_is_refused_as_singular():
 
 
 @pytest.mark.parametrize("shape", [(48, 80), (80, 48), (64, 64)])
-@pytest.mark.parametrize("sparsity", [0.5, 0.6, 0.7])
+@pytest.mark.parametrize("sparsity", [pytest.param(0.5, marks=pytest.mark.slow), 0.6,
+                                      pytest.param(0.7, marks=pytest.mark.slow)])
 def test_dsf_factors_hold_exactly_the_budget_and_multiply_to_the_weight(shape, sparsity):
     w, _, h = correlated_layer(*shape)
     result = prune_layer("dsf", w, h, sparsity=sparsity, rounds=6)
@@ -173,7 +174,8 @@ def test_dsf_factors_hold_exactly_the_budget_and_multiply_to_the_weight(shape, s
                                atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [(48, 80), (80, 48), (64, 64)])
+@pytest.mark.parametrize("shape", [(48, 80), pytest.param((80, 48), marks=pytest.mark.slow),
+                                   pytest.param((64, 64), marks=pytest.mark.slow)])
 def test_dsf_error_falls_over_the_rounds_when_h_is_diagonal(shape):
     """With independent inputs the rounds minimise the weighted error itself: each round
     may rise by at most 3 % (the masks are re-chosen in every solve, docs/methods.md
@@ -198,7 +200,7 @@ def test_dsf_error_trend_falls_with_correlated_inputs():
     assert errors[-1] < errors[-2]
 
 
-@pytest.mark.parametrize("sparsity", [0.6, 0.7])
+@pytest.mark.parametrize("sparsity", [0.6, pytest.param(0.7, marks=pytest.mark.slow)])
 def test_dsf_error_is_below_sparsegpts_at_equal_nonzeros(sparsity):
     w, _, h = correlated_layer()
     dsf = prune_layer("dsf", w, h, sparsity=sparsity)

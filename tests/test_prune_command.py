@@ -45,7 +45,7 @@ def _prune(dense_run: Path, out: Path, *args: str) -> int:
 def test_prune_writes_a_run_with_the_pattern_and_prints_the_loss_before_and_after(
         dense_run, tmp_path, capsys):
     out = tmp_path / "sparsegpt24"
-    assert _prune(dense_run, out, "--method", "sparsegpt", "--nm", "2:4") == 0
+    assert _prune(dense_run, out, "--method", "sparsegpt", "--nm", "2:4", "--parallel") == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "prune.json").read_text())
     assert f"validation loss {report['before']['loss']:.4f} -> {report['after']['loss']:.4f}" \
@@ -98,10 +98,11 @@ def test_fine_tuning_from_a_pruned_run_keeps_its_masks_and_factors(dense_run, tm
 
     pruned = tmp_path / "dsf"
     assert _prune(dense_run, pruned, "--method", "dsf", "--sparsity", "0.6",
-                  "--option", "rounds=3") == 0
-    cfg = load_config(pruned / "config.yaml", [f"train.init_from={pruned}", "train.steps=6",
+                  "--option", "rounds=2", "--parallel") == 0
+    cfg = load_config(pruned / "config.yaml", [f"train.init_from={pruned}", "train.steps=3",
                                                 f"run_dir={tmp_path / 'ft'}", "name=ft",
-                                                "checkpoint.every=6", "logging.progress=none"])
+                                                "checkpoint.every=3", "train.eval_every=3",
+                                                "logging.progress=none"])
     run(cfg, verbose=False)
     before, _, _ = load_model(pruned)
     after, _, _ = load_model(tmp_path / "ft")
