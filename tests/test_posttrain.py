@@ -11,7 +11,7 @@ import pytest
 from sparsejax.posttrain import PruneError, prune_layer
 from sparsejax.transforms import Site, SpecError, View, build_spec
 from sparsejax.transforms.prune import weighted_error
-from sparsejax.transforms.prune.dsf import dsf_factorize
+from sparsejax.transforms.prune.dsf import balance_factors, dsf_factorize
 
 PATTERNS = [{"sparsity": 0.5}, {"sparsity": 0.3}, {"sparsity": 0.7}, {"n": 2, "m": 4},
             {"n": 1, "m": 4}, {"n": 2, "m": 8}]
@@ -172,6 +172,21 @@ def test_dsf_factors_hold_exactly_the_budget_and_multiply_to_the_weight(shape, s
     assert int((np.asarray(a) != 0).sum() + (np.asarray(b) != 0).sum()) == budget
     np.testing.assert_allclose(np.asarray(result.weight), np.asarray(a @ b), rtol=1e-5,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48)])
+def test_dsf_factors_are_balanced_without_changing_their_product(shape):
+    """Column k of A and row k of B have equal norms (Adam fine-tunes both at one scale);
+    balancing keeps the product and the zeros."""
+    w, _, h = correlated_layer(*shape)
+    result = prune_layer("dsf", w, h, sparsity=0.6, rounds=3)
+    a, b = (np.asarray(f, np.float64) for f in result.factors)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=1),
+                               rtol=1e-4)
+    scaled_a, scaled_b = balance_factors(jnp.asarray(a) * 100.0, jnp.asarray(b) / 100.0)
+    np.testing.assert_allclose(np.asarray(scaled_a @ scaled_b), a @ b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(scaled_a) != 0, a != 0)
+    np.testing.assert_allclose(np.asarray(scaled_a), a, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("shape", [(48, 80), pytest.param((80, 48), marks=pytest.mark.slow),

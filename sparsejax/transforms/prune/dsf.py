@@ -18,6 +18,10 @@ sparsejax's ``(in, out)`` kernels. In the reference's layout ``Wt = W^T`` ``(out
 - finally the factor on the output side is refitted with its mask fixed against the full
   weighted error ``tr[(W - A B)^T H (W - A B)]`` (20 ADMM iterations).
 
+Addition: the two factors are then rescaled to equal norms per inner index
+(:func:`balance_factors`; product and masks unchanged), so that masked fine-tuning with
+Adam does not blow up the factor the scaling left small.
+
 Deviation: the reference keeps entries above a sorted threshold (its counts can miss the
 budget by ties or by one); here each mask is an exact top-``k``, so the factor masks hold
 exactly the budget. The weighted error is recorded after every round (``info["error"]``);
@@ -52,7 +56,8 @@ from sparsejax.transforms.prune.common import (
 )
 from sparsejax.transforms.sparsity.unstructured import top_k_mask
 
-__all__ = ["DSF", "dsf_factorize", "refit_fixed_mask", "sparse_least_squares"]
+__all__ = ["DSF", "balance_factors", "dsf_factorize", "refit_fixed_mask",
+           "sparse_least_squares"]
 
 RIDGE = 1e-2  # the ridge of every least-squares solve, relative to the mean diagonal
 INNER_ITERS, MASK_ITERS = 5, 2  # ADMM iterations per solve; of them, the mask-choosing ones
@@ -176,9 +181,21 @@ def dsf_factorize(w: jax.Array, h: jax.Array, sparsity: float, rounds: int = 40,
     if refit:  # refit B (the output side) against the full weighted error
         b = refit_fixed_mask(b.T, a.T, b_mask.T, w.T, h).T
         errors.append(float(weighted_error(w, a @ b, h)))
-    a, b = jnp.where(a_mask, a, 0.0), jnp.where(b_mask, b, 0.0)
+    a, b = balance_factors(jnp.where(a_mask, a, 0.0), jnp.where(b_mask, b, 0.0))
     return PruneResult(a @ b, None, (a, b), (a_mask, b_mask),
                        {"error": errors, "refit": refit})
+
+
+def balance_factors(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(A D, D^-1 B)`` with ``D = diag(sqrt(||B_k,:|| / ||A_:,k||))``: column ``k`` of
+    ``A`` and row ``k`` of ``B`` get equal norms; the product and the zeros are unchanged.
+    Without it the input-side factor holds ``1 / sqrt(H_jj)``-sized entries and the other
+    ``sqrt(H_jj)``-sized ones (the scaling of the factorisation), and Adam, whose steps
+    have the same size for every entry, wrecks the small factor when fine-tuning."""
+    col = jnp.sqrt(jnp.sum(jnp.square(a), axis=0))
+    row = jnp.sqrt(jnp.sum(jnp.square(b), axis=1))
+    d = jnp.where((col > 0) & (row > 0), jnp.sqrt(row / jnp.where(col > 0, col, 1.0)), 1.0)
+    return a * d[None, :], b / d[:, None]
 
 
 @register("prune", "dsf")

@@ -1,0 +1,234 @@
+"""When does S-STE beat STE? Configuration and training length, beside the authors' figures.
+
+The authors' reference nanoGPT setting (thu-ml/2by4-pretrain-acc-examples, ``v2/``):
+tinyshakespeare at character level (nanoGPT's ``prepare.py`` split: the 65 characters of
+the corpus, the last 10 % for validation), 4 layers, 4 heads, 128 wide, block 128, batch
+32, lr 1e-3 with 100 warm-up steps and cosine decay to 1e-4, AdamW beta2 0.99, weight
+decay 0.1, gradient clip 1, dropout 0, float32, seed 1337, validation over 50 batches.
+Their code gives, at 1000 steps: dense 1.9094, S-STE 1.9442. 2:4 sparsity on the FFN
+linears, as in the paper; simulated (dense matmuls with zeros).
+
+Stages (each run is skipped when its ``results.json`` exists, so a stage can be resumed):
+
+- ``seeds``: dense, STE, SR-STE, S-STE at 1000 steps, ``--seeds`` (3) each, and S-STE+MVUE
+  at 1000 steps once - the error bar on S-STE's lead;
+- ``config``: from the authors' setting, one change at a time towards
+  ``configs/gpt_tiny.yaml``'s (lr 3e-3; beta2 0.95; warm-up 50; 400 steps), STE and S-STE;
+- ``length``: STE, S-STE, S-STE+MVUE and dense at ``--lengths`` (the cosine stretched to
+  each length: one run per length), ``--length-seeds`` at the longest.
+
+    python experiments/sste_length_study.py --stage seeds      # ~70 min on 2 CPU cores
+    python experiments/sste_length_study.py --stage config     # ~35 min
+    python experiments/sste_length_study.py --stage length --lengths 1000 2000
+    python experiments/sste_length_study.py --stage report     # results.md from the runs
+
+Writes ``results.md``, ``results.csv`` and ``gap_vs_length.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sparsejax.config import load_config  # noqa: E402
+from sparsejax.train import run  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_figure, scalars, training_wall_seconds, write_csv  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FFN = "blocks/\\d+/mlp/(fc|proj)"
+METHODS = {"dense": None, "ste": "{method: ste}",
+           "sr_ste": "{method: sr_ste, decay: 2.0e-4}", "sste": "{method: sste}",
+           "sste+mvue": "{method: sste, mvue: true}"}
+AUTHORS = {"dense": 1.9094, "sste": 1.9442}  # their code, 1000 steps, seed 1337
+AUTHORS_SETTING = [
+    "model.kind=gpt", "model.block_size=128", "model.n_layer=4", "model.n_head=4",
+    "model.n_embd=128", "model.dropout=0.0", "model.vocab_size=65",
+    "model.tie_embeddings=true", "model.dtype=float32", "data.source=tokens",
+    "data.batch_size=32", "optimizer.lr=1e-3", "optimizer.min_lr_ratio=0.1",
+    "optimizer.warmup_steps=100", "optimizer.b2=0.99", "optimizer.weight_decay=0.1",
+    "optimizer.grad_clip=1.0", "train.eval_batches=50", "train.eval_every=250",
+    "checkpoint.every=100000", "logging.log_every=50", "logging.progress=none"]
+SEED = 1337
+# one change at a time towards configs/gpt_tiny.yaml: (label, overrides)
+CHANGES = [("authors'", []), ("lr 3e-3", ["optimizer.lr=3e-3"]),
+           ("beta2 0.95", ["optimizer.b2=0.95"]), ("warm-up 50", ["optimizer.warmup_steps=50"]),
+           ("400 steps", ["train.steps=400"]),
+           ("all four (gpt_tiny's)", ["optimizer.lr=3e-3", "optimizer.b2=0.95",
+                                      "optimizer.warmup_steps=50", "train.steps=400"])]
+
+
+def char_split(text_file: Path, out: Path) -> Path:
+    """nanoGPT's ``shakespeare_char/prepare.py``: characters sorted into ids, the first
+    90 % train, the rest validation, uint16 ``train.bin`` / ``val.bin``."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = text_file.read_text()
+    chars = sorted(set(text))
+    lookup = {c: i for i, c in enumerate(chars)}
+    data = np.array([lookup[c] for c in text], np.uint16)
+    cut = int(len(data) * 0.9)
+    data[:cut].tofile(out / "train.bin")
+    data[cut:].tofile(out / "val.bin")
+    (out / "chars.json").write_text(json.dumps({"vocab_size": len(chars), "chars": chars}))
+    return out
+
+
+def train(runs: Path, data: Path, method: str, seed: int, steps: int, label: str,
+          extra: list[str]) -> dict:
+    """One run (reused when finished): results plus the final flip rate and step time."""
+    slug = f"{label}_{method}_s{seed}_n{steps}".replace(" ", "_").replace("'", "")
+    run_dir = runs / slug
+    rule = ([f"rules=[{{path: '{FFN}', sparsity: {METHODS[method]}}}]"]
+            if METHODS[method] else [])
+    overrides = [*AUTHORS_SETTING, f"data.path={data}", f"train.steps={steps}",
+                 f"train.seed={seed}", f"name={slug}", f"run_dir={run_dir}", *rule, *extra]
+    if (run_dir / "results.json").is_file():
+        results = json.loads((run_dir / "results.json").read_text())
+    else:
+        print(f"{slug}: training", flush=True)
+        results = run(load_config(None, overrides), verbose=False)
+    flips = scalars(run_dir, "sparsity/flip_rate")
+    steps_done = results["steps"]
+    return {"label": label, "method": method, "seed": seed, "steps": steps_done,
+            "val_loss": results["val_loss"],
+            "final_flip_rate": flips[-1][1] if flips else None,
+            "seconds_per_step": training_wall_seconds(run_dir, steps_done) / steps_done,
+            "command": "python -m sparsejax train - " + " ".join(overrides)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=["seeds", "config", "length", "report"],
+                        required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[SEED, 1, 2])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000])
+    parser.add_argument("--length-seeds", type=int, nargs="+", default=[SEED, 1])
+    parser.add_argument("--out", default=str(REPO / "experiments/results/sste_length_study"))
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    runs = REPO / "runs" / "sste_length_study"
+    data = char_split(REPO / "data" / "tinyshakespeare.txt", runs / "shakespeare_char")
+    rows_file = out / "rows.json"
+    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
+    done = {(r["label"], r["method"], r["seed"], r["steps"]) for r in rows}
+
+    def add(method: str, seed: int, steps: int, label: str, extra: list[str]) -> None:
+        if (label, method, seed, steps) in done:
+            return
+        rows.append(train(runs, data, method, seed, steps, label, extra))
+        done.add((label, method, seed, steps))
+        out.mkdir(parents=True, exist_ok=True)
+        rows_file.write_text(json.dumps(rows, indent=1) + "\n")
+        r = rows[-1]
+        print(f"  {label} {method} seed {seed} {steps} steps: val {r['val_loss']:.4f}",
+              flush=True)
+
+    if args.stage == "seeds":
+        for seed in args.seeds:
+            for method in ("dense", "ste", "sr_ste", "sste"):
+                add(method, seed, 1000, "authors'", [])
+        add("sste+mvue", SEED, 1000, "authors'", [])
+    elif args.stage == "config":
+        for label, extra in CHANGES[1:]:
+            steps = 400 if "train.steps=400" in extra else 1000
+            extra = [e for e in extra if not e.startswith("train.steps")]
+            for method in ("dense", "ste", "sste"):
+                add(method, SEED, steps, label, extra)
+    elif args.stage == "length":
+        for steps in args.lengths:
+            seeds = args.length_seeds if steps == max(args.lengths) else [SEED]
+            for seed in seeds:
+                for method in ("dense", "ste", "sste", "sste+mvue"):
+                    add(method, seed, steps, "authors'", [])
+    report(out, rows)
+
+
+def _mean(rows: list[dict], **where) -> tuple[float, float, int] | None:
+    """(mean, spread = max - min, count) of val_loss over the rows matching ``where``."""
+    vals = [r["val_loss"] for r in rows if all(r[k] == v for k, v in where.items())]
+    if not vals:
+        return None
+    return statistics.fmean(vals), max(vals) - min(vals), len(vals)
+
+
+def report(out: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "results.csv", rows)
+    lines = ["# S-STE vs STE: configuration and training length", "",
+             "Commands: `python experiments/sste_length_study.py --stage seeds|config|length` "
+             "(each run's full `sparsejax train` overrides are in `results.csv`). "
+             "Validation loss in nats per character on 50 fixed batches; 2:4 on the FFN "
+             "linears (simulated).", ""]
+    lines += ["## 1000 steps in the authors' setting", "",
+              "| method | val loss (mean) | seed spread | seeds | gap to dense | authors' code "
+              "(seed 1337) | final flip rate | s / step |", "|---|---|---|---|---|---|---|---|"]
+    dense = _mean(rows, label="authors'", method="dense", steps=1000)
+    for method in METHODS:
+        stat = _mean(rows, label="authors'", method=method, steps=1000)
+        if stat is None:
+            continue
+        mine = [r for r in rows if (r["label"], r["method"], r["steps"]) ==
+                ("authors'", method, 1000)]
+        flips = [r["final_flip_rate"] for r in mine if r["final_flip_rate"] is not None]
+        gap = f"{stat[0] - dense[0]:+.4f}" if dense else "-"
+        flip = f"{statistics.fmean(flips):.2e}" if flips else "-"
+        per_step = statistics.fmean(r["seconds_per_step"] for r in mine)
+        lines.append(f"| {method} | {stat[0]:.4f} | {stat[1]:.4f} | {stat[2]} | {gap} | "
+                     f"{AUTHORS.get(method, '-')} | {flip} | {per_step:.3f} |")
+    changes = [(label, r) for label, _ in CHANGES[1:]
+               for r in [x for x in rows if x["label"] == label]]
+    if changes:
+        lines += ["", "## One change at a time (seed 1337)", "",
+                  "| setting | steps | dense | STE | S-STE | S-STE - STE |",
+                  "|---|---|---|---|---|---|"]
+        for label, _ in CHANGES:
+            stats = {m: _mean(rows, label=label, method=m, seed=SEED)
+                     for m in ("dense", "ste", "sste")}
+            if stats["ste"] is None or stats["sste"] is None:
+                continue
+            steps = next(r["steps"] for r in rows if r["label"] == label)
+            dense_txt = f"{stats['dense'][0]:.4f}" if stats["dense"] else "-"
+            lines.append(f"| {label} | {steps} | {dense_txt} | {stats['ste'][0]:.4f} | "
+                         f"{stats['sste'][0]:.4f} | {stats['sste'][0] - stats['ste'][0]:+.4f} |")
+    lengths = sorted({r["steps"] for r in rows if r["label"] == "authors'"})
+    if len(lengths) > 1:
+        lines += ["", "## Training length (authors' setting, cosine stretched per length)", "",
+                  "| steps | method | val loss | gap to dense | seeds |", "|---|---|---|---|---|"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in ("ste", "sste", "sste+mvue", "sr_ste"):
+            xs, ys = [], []
+            for steps in lengths:
+                stat = _mean(rows, label="authors'", method=method, steps=steps)
+                base = _mean(rows, label="authors'", method="dense", steps=steps)
+                if stat is None or base is None:
+                    continue
+                xs.append(steps)
+                ys.append(stat[0] - base[0])
+                lines.append(f"| {steps} | {method} | {stat[0]:.4f} | {ys[-1]:+.4f} | "
+                             f"{stat[2]} |")
+            if xs:
+                ax.plot(xs, ys, "o-", label=method)
+        ax.set_xlabel("training steps")
+        ax.set_ylabel("val loss - dense (nats / char)")
+        ax.set_title("gap to dense, 2:4 FFN")
+        save_figure(fig, out / "gap_vs_length.png", fontsize=8)
+    lines.append("")
+    (out / "results.md").write_text("\n".join(lines))
+    print(f"written {out}/results.md")
+
+
+if __name__ == "__main__":
+    main()
