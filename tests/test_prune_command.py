@@ -4,11 +4,7 @@ that loads, compares and fine-tunes with its masks; sequential calibration; bad 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import chex
@@ -21,8 +17,8 @@ from sparsejax.cli import main
 from sparsejax.nn import named_layers, transform_slots
 from sparsejax.posttrain import calibration_batches, input_grams, prune_layer, prune_model
 from sparsejax.train import init_model, load_model, run
-from tests.conftest import REPO, TINY_GPT
-from tests.test_train import _committed_steps, _restore_raw
+from tests.conftest import TINY_GPT
+from tests.test_train import _restore_raw, clean_and_killed_runs
 
 BLOCKS = "blocks/.*"
 
@@ -196,20 +192,8 @@ def test_a_pruned_then_fine_tuned_run_resumes_bitwise_after_kill_9(dense_run, tm
     pruned = tmp_path / "sparsegpt"
     assert _prune(dense_run, pruned, "--method", "sparsegpt", "--sparsity", "0.5") == 0
     steps = 300
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    clean, killed = tmp_path / "clean", tmp_path / "killed"
-    subprocess.run(_finetune_cmd(pruned, clean, steps), cwd=REPO, env=env, check=True,
-                   capture_output=True, timeout=600)
-    proc = subprocess.Popen(_finetune_cmd(pruned, killed, steps), cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(s >= 30 for s in _committed_steps(killed)):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "results.json").exists(), "the run finished before it was killed"
-    subprocess.run(_finetune_cmd(pruned, killed, steps), cwd=REPO, env=env, check=True,
-                   capture_output=True, timeout=600)
+    clean, killed = clean_and_killed_runs(
+        lambda run_dir: _finetune_cmd(pruned, run_dir, steps), tmp_path)
     assert 30 <= json.loads((killed / "results.json").read_text())["resumed_from"] < steps
     a, _ = _restore_raw(clean, steps)
     b, _ = _restore_raw(killed, steps)

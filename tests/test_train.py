@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import chex
@@ -150,25 +151,33 @@ def _committed_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
 
 
-@pytest.mark.slow
-def test_resume_after_kill_9_is_bitwise_identical(tmp_path):
-    steps = 400
+def clean_and_killed_runs(command: Callable[[Path], list[str]], tmp_path: Path,
+                          kill_after: int = 30) -> tuple[Path, Path]:
+    """Run ``command(run_dir)`` to the end in ``tmp_path/clean``; in ``tmp_path/killed``,
+    kill -9 it once a checkpoint at step >= ``kill_after`` is committed, then run it again
+    (a resume). Returns both run directories."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    subprocess.run(_train_cmd(clean, steps), cwd=REPO, env=env, check=True,
-                   capture_output=True, timeout=600)
-
-    proc = subprocess.Popen(_train_cmd(killed, steps), cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(command(clean), cwd=REPO, env=env, check=True, capture_output=True,
+                   timeout=600)
+    proc = subprocess.Popen(command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not any(s >= 30 for s in _committed_steps(killed)):
+    while time.time() < deadline and not any(s >= kill_after
+                                             for s in _committed_steps(killed)):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "results.json").exists(), "the run finished before it was killed"
+    subprocess.run(command(killed), cwd=REPO, env=env, check=True, capture_output=True,
+                   timeout=600)
+    return clean, killed
 
-    subprocess.run(_train_cmd(killed, steps), cwd=REPO, env=env, check=True,
-                   capture_output=True, timeout=600)
+
+@pytest.mark.slow
+def test_resume_after_kill_9_is_bitwise_identical(tmp_path):
+    steps = 400
+    clean, killed = clean_and_killed_runs(lambda run_dir: _train_cmd(run_dir, steps), tmp_path)
     resumed = json.loads((killed / "results.json").read_text())
     assert 30 <= resumed["resumed_from"] < steps
 
