@@ -222,10 +222,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     report = prune_run(args.run_dir, args.out, method=args.method, sparsity=args.sparsity,
-              nm=None if args.nm is None else parse_nm(args.nm), layers=args.layers,
-              calib_batches=args.calib_batches, calib_seed=args.calib_seed,
-              sequential=not args.parallel, step=args.step, options=dict(args.option),
-              progress=None if args.quiet else print)
+                       nm=None if args.nm is None else parse_nm(args.nm), layers=args.layers,
+                       calib_batches=args.calib_batches, calib_seed=args.calib_seed,
+                       sequential=not args.parallel, step=args.step,
+                       options=dict(args.option), progress=None if args.quiet else print)
     before, after = report["before"], report["after"]
     print(f"validation loss {before['loss']:.4f} -> {after['loss']:.4f} after pruning "
           f"{len(report['per_layer'])} layers to density {report['density']:.3f} "
