@@ -116,6 +116,8 @@ def main() -> None:
     parser.add_argument("--stage", choices=["seeds", "config", "length", "report"],
                         required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[SEED, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["dense", "ste", "sr_ste", "sste"],
+                        choices=list(METHODS), help="seeds stage: the methods run per seed")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000])
     parser.add_argument("--length-seeds", type=int, nargs="+", default=[SEED, 1])
     parser.add_argument("--out", default=str(REPO / "experiments/results/sste_length_study"))
@@ -142,9 +144,9 @@ def main() -> None:
 
     if args.stage == "seeds":
         for seed in args.seeds:
-            for method in ("dense", "ste", "sr_ste", "sste"):
+            for method in args.methods:
                 add(method, seed, 1000, "authors'", [])
-            if seed == SEED:
+            if seed == SEED and args.methods == parser.get_default("methods"):
                 add("sste+mvue", SEED, 1000, "authors'", [])
                 add("sste+mvue+fp8", SEED, 1000, "authors'", [])
     elif args.stage == "config":
