@@ -34,12 +34,12 @@ import sys
 from pathlib import Path
 
 import matplotlib
-import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sparsejax.config import load_config  # noqa: E402
+from sparsejax.corpus import char_level_split  # noqa: E402
 from sparsejax.train import run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,21 +71,6 @@ CHANGES = [("authors'", []), ("lr 3e-3", ["optimizer.lr=3e-3"]),
            ("400 steps", ["train.steps=400"]),
            ("all four (gpt_tiny's)", ["optimizer.lr=3e-3", "optimizer.b2=0.95",
                                       "optimizer.warmup_steps=50", "train.steps=400"])]
-
-
-def char_split(text_file: Path, out: Path) -> Path:
-    """nanoGPT's ``shakespeare_char/prepare.py``: characters sorted into ids, the first
-    90 % train, the rest validation, uint16 ``train.bin`` / ``val.bin``."""
-    out.mkdir(parents=True, exist_ok=True)
-    text = text_file.read_text()
-    chars = sorted(set(text))
-    lookup = {c: i for i, c in enumerate(chars)}
-    data = np.array([lookup[c] for c in text], np.uint16)
-    cut = int(len(data) * 0.9)
-    data[:cut].tofile(out / "train.bin")
-    data[cut:].tofile(out / "val.bin")
-    (out / "chars.json").write_text(json.dumps({"vocab_size": len(chars), "chars": chars}))
-    return out
 
 
 def train(runs: Path, data: Path, method: str, seed: int, steps: int, label: str,
@@ -125,7 +110,9 @@ def main() -> None:
 
     out = Path(args.out)
     runs = REPO / "runs" / "sste_length_study"
-    data = char_split(REPO / "data" / "tinyshakespeare.txt", runs / "shakespeare_char")
+    data = REPO / "data" / "shakespeare_char"  # committed; char_level_split rebuilds it
+    if not (data / "train.bin").is_file():
+        char_level_split(REPO / "data" / "tinyshakespeare.txt", data)
     rows_file = out / "rows.json"
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
     done = {(r["label"], r["method"], r["seed"], r["steps"]) for r in rows}
@@ -164,6 +151,10 @@ def main() -> None:
     report(out, rows)
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _mean(rows: list[dict], **where) -> tuple[float, float, int] | None:
     """(mean, spread = max - min, count) of val_loss over the rows matching ``where``."""
     vals = [r["val_loss"] for r in rows if all(r[k] == v for k, v in where.items())]
@@ -199,7 +190,7 @@ def report(out: Path, rows: list[dict]) -> None:
         per_step = statistics.fmean(r["seconds_per_step"] for r in mine)
         first = next((f"{r['val_loss']:.4f}" for r in mine if r["seed"] == SEED), "-")
         lines.append(f"| {method} | {stat[0]:.4f} | {first} | {stat[1]:.4f} | {stat[2]} | "
-                     f"{gap} | {FILED.get(method, '-')} | {AUTHORS.get(method, '-')} | "
+                     f"{gap} | {_fmt(FILED.get(method))} | {_fmt(AUTHORS.get(method))} | "
                      f"{flip} | {per_step:.3f} |")
     changes = [(label, r) for label, _ in CHANGES[1:]
                for r in [x for x in rows if x["label"] == label]]

@@ -37,8 +37,8 @@ import numpy as np
 
 from sparsejax.config import ConfigError
 
-__all__ = ["EOT", "META_FORMAT", "PrepareError", "Tokenizer", "prepare", "read_meta",
-           "token_dtype", "train_bpe"]
+__all__ = ["EOT", "META_FORMAT", "PrepareError", "Tokenizer", "char_level_split", "prepare",
+           "read_meta", "token_dtype", "train_bpe"]
 
 META_FORMAT = "sparsejax-tokens/1"
 EOT = "<|endoftext|>"
@@ -349,3 +349,22 @@ def prepare(corpora: list[str | Path], out: str | Path, tokenizer: str = "bpe",
         for path in temporary.values():
             path.unlink(missing_ok=True)
     return meta
+
+
+def char_level_split(text_file: str | Path, out: str | Path) -> int:
+    """nanoGPT's ``shakespeare_char/prepare.py``: the file's distinct characters, sorted,
+    become ids ``0..V-1``; the first 90 % of the characters are ``train.bin``, the rest
+    ``val.bin`` (uint16, the bare token layout ``data.source=tokens`` reads with
+    ``model.vocab_size=V``); ``chars.json`` lists the characters. Returns ``V``."""
+    text = Path(text_file).read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    ids = {c: i for i, c in enumerate(chars)}
+    data = np.array([ids[c] for c in text], np.uint16)
+    cut = int(len(data) * 0.9)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data[:cut].tofile(out / "train.bin")
+    data[cut:].tofile(out / "val.bin")
+    (out / "chars.json").write_text(json.dumps({"vocab_size": len(chars), "chars": chars},
+                                               ensure_ascii=False) + "\n")
+    return len(chars)

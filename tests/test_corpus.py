@@ -186,3 +186,18 @@ def test_the_committed_bpe_corpus_is_what_prepare_rebuilds(tmp_path, monkeypatch
     prepare(["data/tinyshakespeare.txt"], tmp_path / "again", vocab_size=2048, progress=False)
     for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json"):
         assert (tmp_path / "again" / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_the_committed_character_split_is_what_char_level_split_rebuilds(tmp_path):
+    from sparsejax.corpus import char_level_split
+
+    assert char_level_split(REPO / "data" / "tinyshakespeare.txt", tmp_path) == 65
+    committed = REPO / "data" / "shakespeare_char"
+    for name in ("train.bin", "val.bin", "chars.json"):
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
+    train = np.fromfile(tmp_path / "train.bin", np.uint16)
+    val = np.fromfile(tmp_path / "val.bin", np.uint16)
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()
+    chars = sorted(set(text))
+    assert len(train) == int(len(text) * 0.9) and len(train) + len(val) == len(text)
+    assert "".join(chars[i] for i in val[:40]) == text[len(train):len(train) + 40]
