@@ -14,7 +14,6 @@ and stay exactly zero, as Adam's update of a weight whose gradient was always ze
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -149,12 +148,6 @@ class PostTrainingPruning(Transform):
 
     def blocking(self, site: Site) -> list[tuple[str, int]]:
         return [(f"N:M groups (m={self.m})", self.m)] if self.n else []
-
-    def budget(self, shape: tuple[int, int]) -> int:
-        """Weights kept in a layer of ``shape``: ``round((1 - sparsity) * in * out)``
-        (N:M: exactly ``n / m`` of them)."""
-        size = math.prod(shape)
-        return size * self.n // self.m if self.n else round((1.0 - self.sparsity) * size)
 
     # ------------------------------------------------------------------ the method
     def prune(self, w: jax.Array, h: jax.Array) -> PruneResult:

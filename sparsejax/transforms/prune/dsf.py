@@ -64,10 +64,6 @@ INNER_ITERS, MASK_ITERS = 5, 2  # ADMM iterations per solve; of them, the mask-c
 REFIT_ITERS = 20
 
 
-def _inv(a: jax.Array) -> jax.Array:
-    return jnp.linalg.inv(a)
-
-
 def sparse_least_squares(f: jax.Array, y: jax.Array, nnz: int, z: jax.Array, u: jax.Array,
                          rho_start: jax.Array, mask: jax.Array | None = None
                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -81,8 +77,8 @@ def sparse_least_squares(f: jax.Array, y: jax.Array, nnz: int, z: jax.Array, u: 
     eye = jnp.eye(gram.shape[0], dtype=gram.dtype)
     gram = gram + eye * jnp.mean(jnp.diag(gram)) * RIDGE
     rhs = fn.T @ y
-    solve_1 = _inv(gram + eye)
-    solve_start = _inv(gram + eye * rho_start)
+    solve_1 = jnp.linalg.inv(gram + eye)
+    solve_start = jnp.linalg.inv(gram + eye * rho_start)
     z, u = z * norm[:, None], u * norm[:, None]
     x = solve_start @ (rhs + rho_start * (z - u))
     chosen = mask
@@ -118,7 +114,7 @@ def refit_fixed_mask(left: jax.Array, right: jax.Array, mask: jax.Array, w_t: ja
     gram = gram / norm / norm[:, None]
     cross = cross / norm[:, None]
     x = (left * norm).T  # (k, out)
-    solve = _inv(gram + jnp.eye(gram.shape[0], dtype=gram.dtype))
+    solve = jnp.linalg.inv(gram + jnp.eye(gram.shape[0], dtype=gram.dtype))
     u = jnp.zeros_like(x)
     mask_t = mask.T
     z = x
@@ -230,9 +226,6 @@ class DSF(PostTrainingPruning):
     @property
     def produces_zeros(self) -> bool:
         return False  # the product of two sparse factors is dense
-
-    def budget(self, shape: tuple[int, int]) -> int:
-        return round((1.0 - self.sparsity) * shape[0] * shape[1])
 
     def prune(self, w: jax.Array, h: jax.Array) -> PruneResult:
         return dsf_factorize(w, h, self.sparsity, self.rounds, self.refit)

@@ -34,6 +34,7 @@ from sparsejax.transforms.prune.common import (
     PruneResult,
     dampened,
 )
+from sparsejax.transforms.sparsity.unstructured import top_k_mask
 
 __all__ = ["SparseGPT", "inverse_cholesky_upper", "sparsegpt_prune"]
 
@@ -55,14 +56,6 @@ def inverse_cholesky_upper(h: jax.Array) -> jax.Array:
     return upper
 
 
-def _ranked_lowest(score: jax.Array, count: jax.Array | int) -> jax.Array:
-    """Boolean mask of the ``count`` lowest entries of ``score`` (ties: lower flat index)."""
-    flat = score.ravel()
-    order = jnp.argsort(flat, stable=True)
-    ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
-    return (ranks < count).reshape(score.shape)
-
-
 @partial(jax.jit, static_argnames=("n", "m"))
 def _prune_block(w1: jax.Array, u1: jax.Array, prune: jax.Array, n: int, m: int
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -73,7 +66,7 @@ def _prune_block(w1: jax.Array, u1: jax.Array, prune: jax.Array, n: int, m: int
     d = jnp.diag(u1)
     group = m if n else 1
     pruned = (jnp.zeros(w1.shape, bool) if n else
-              _ranked_lowest(jnp.square(w1) / jnp.square(d)[None, :], prune))
+              top_k_mask(-jnp.square(w1) / jnp.square(d)[None, :], prune))  # the lowest
 
     def visit(g, carry):
         w1, q1, err1, pruned = carry
