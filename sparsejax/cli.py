@@ -118,7 +118,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from sparsejax.nn import Activation, named_layers
+    from sparsejax.nn import Activation, Attention, named_layers
     from sparsejax.train import init_model
 
     cfg = load_config(args.config, args.overrides)
@@ -129,6 +129,9 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     for path, act in named_layers(model, (Activation,)):
         what = " ".join(f"{stage}:{slot.spec.summary()}" for stage, slot in act.slots())
         print(f"{path}\t{act.fn}\t{what or '-'}")
+    for path, attn in named_layers(model, (Attention,)):
+        what = " ".join(f"{stage}:{slot.spec.summary()}" for stage, slot in attn.slots())
+        print(f"{path}\tattention {attn.n_head}x{attn.head_dim}\t{what or 'softmax'}")
     return 0
 
 

@@ -196,7 +196,8 @@ class RuleConfig:
     fields, ``docs/methods.md``): ``sparsity`` (default method ``sste``) or ``prune``
     (post-training pruning written by ``sparsejax prune``; default ``sparsegpt``), ``quant.weights``
     / ``quant.activations`` (default ``dat``), ``analog`` (default ``tile``; linear layers
-    take its weight / output / converter fields, activation layers its ``act_*`` ones).
+    take its weight / output / converter fields, activation layers its ``act_*`` ones),
+    ``attention`` (default ``gaincell``; attention modules such as ``blocks/0/attn``).
     With several, weights are pruned, then quantised, then put on the analog tile."""
 
     path: str = ".*"
@@ -204,6 +205,7 @@ class RuleConfig:
     prune: TransformBlock | None = None
     quant: QuantRuleConfig | None = None
     analog: TransformBlock | None = None
+    attention: TransformBlock | None = None
 
 
 @dataclass

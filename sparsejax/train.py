@@ -531,6 +531,8 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
         raise ConfigError(f"a prune rule matches {unpruned[0]}, which was never pruned: set "
                           "train.init_from to a run written by `sparsejax prune` (it carries "
                           "the masks), or prune this one first")
+    if not has_checkpoint and cfg.train.init_from:
+        _calibrate_from_teacher(cfg, model, verbose)
     mesh = make_mesh(cfg.mesh)
     check_transform_sharding(model, mesh)
     with jax.set_mesh(mesh):  # models pin their activations to this mesh (shard_batch)
@@ -538,6 +540,31 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
         with _out_of_memory_in_one_line(cfg, "training", step_bytes):
             return _train_on_mesh(cfg, run_dir, resuming, task, model, mesh, verbose,
                                   step_bytes)
+
+
+def _calibrate_from_teacher(cfg: Config, model: nnx.Module, verbose: bool) -> None:
+    """Calibrate, in place, the transforms that adapt to a teacher (gain-cell attention,
+    ``sparsejax.adapt``) against the ``train.init_from`` model, on the first training
+    batches of the run (``calib_batches`` of the transform, the largest asked)."""
+    from sparsejax.adapt import calibrate_attention, uncalibrated_attention
+    from sparsejax.posttrain import calibration_batches
+
+    paths = uncalibrated_attention(model)
+    if not paths:
+        return
+    count = max(slot.spec.calib_batches for path, _, _, slot in transform_slots(model)
+                if path in paths)
+    teacher, _, _ = load_model(*resolve_checkpoint(cfg.train.init_from))
+    start = time.perf_counter()
+    try:
+        reports = calibrate_attention(model, teacher, calibration_batches(cfg, count))
+    except ValueError as err:
+        raise ConfigError(f"train.init_from: {err}") from None
+    if verbose:
+        worst = max(r.max_rel_error for r in reports)
+        print(f"calibrated {len(reports)} attention modules against {cfg.train.init_from} "
+              f"on {count} batches in {time.perf_counter() - start:.1f} s (output "
+              f"statistics within {worst:.1e} of the teacher's std)")
 
 
 def _initial_state(cfg: Config, model: nnx.Module, mesh: Mesh):

@@ -4,7 +4,9 @@ learned positions, optional tying of the output head to the token embedding.
 Parameters carry logical axes for ``sparsejax.sharding`` (``embed``, ``heads``, ``mlp``,
 ``vocab``). Module paths of the linear layers, for rules: ``blocks/<i>/attn/qkv``,
 ``blocks/<i>/attn/proj``, ``blocks/<i>/mlp/fc``, ``blocks/<i>/mlp/proj`` and, untied,
-``lm_head``; the MLP's activation (for analog activation noise): ``blocks/<i>/mlp/act``.
+``lm_head``; the MLP's activation (for analog activation noise): ``blocks/<i>/mlp/act``;
+the attention modules (for ``attention`` rules, e.g. gain-cell attention):
+``blocks/<i>/attn``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.nn import Activation, Embed, LayerNorm, Linear, dropout, shard_batch
+from sparsejax.nn import Activation, Attention, Embed, LayerNorm, Linear, dropout, shard_batch
 
 __all__ = ["GPT", "KVCache"]
 
@@ -26,10 +28,10 @@ def _fold(key: jax.Array | None, i: int) -> jax.Array | None:
     return None if key is None else jax.random.fold_in(key, i)
 
 
-class CausalSelfAttention(nnx.Module):
+class CausalSelfAttention(Attention):
     def __init__(self, n_embd: int, n_head: int, *, resid_init: nnx.initializers.Initializer,
                  dropout_rate: float, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.n_head = n_head
+        super().__init__(n_head, n_embd // n_head)
         self.dropout_rate = dropout_rate
         init = nnx.initializers.normal(0.02)
         self.qkv = Linear(n_embd, 3 * n_embd, kernel_init=init, axes=("embed", "heads"),
@@ -45,7 +47,7 @@ class CausalSelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
         """``x``: (B, T, C) -> (B, T, C)."""
-        y = jax.nn.dot_product_attention(*self._heads(x), is_causal=True)
+        y = self.attend(*self._heads(x))
         return dropout(self.proj(y.reshape(x.shape)), self.dropout_rate, key)
 
     def cached(self, x: jax.Array, cache: KVCache, pos: jax.Array
@@ -57,9 +59,7 @@ class CausalSelfAttention(nnx.Module):
         start = (0, pos, 0, 0)
         keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
         values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-        visible = jnp.arange(keys.shape[1])[None, :] <= (pos + jnp.arange(x.shape[1]))[:, None]
-        y = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
-                                         mask=visible[None, None])
+        y = self.attend(q, keys, values, pos + jnp.arange(x.shape[1]))
         return self.proj(y.reshape(x.shape)), {"k": keys, "v": values}
 
 

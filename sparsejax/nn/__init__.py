@@ -4,6 +4,7 @@ Models are assembled only from these layers so that path rules can find every li
 by its module path and give it a transform without touching model code.
 """
 
+from sparsejax.nn.attention import ATTENTION_STAGES, Attention, tap_attention
 from sparsejax.nn.layers import (
     ACTIVATIONS,
     BATCH_AXES,
@@ -36,10 +37,11 @@ from sparsejax.nn.rules import (
 )
 from sparsejax.nn.slots import TransformMetrics, TransformParam, TransformSlot, TransformState
 
-__all__ = ["ACTIVATIONS", "BATCH_AXES", "LINEAR_STAGES", "Activation", "Embed", "LayerNorm",
+__all__ = ["ACTIVATIONS", "ATTENTION_STAGES", "BATCH_AXES", "LINEAR_STAGES", "Activation",
+           "Attention", "Embed", "LayerNorm",
            "Linear", "PackedState", "TransformMetrics", "TransformParam", "TransformSlot",
            "TransformState", "WeightOverride", "analog_layers", "apply_rules",
            "apply_updates", "assign_rules", "dropout", "has_updates", "layer_metrics",
            "loss_terms", "named_layers",
            "pack_model", "param_labels", "rule_specs", "snapshot_changes", "snapshots",
-           "shard_batch", "sparse_layers", "transform_slots"]
+           "shard_batch", "sparse_layers", "tap_attention", "transform_slots"]

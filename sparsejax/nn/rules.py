@@ -4,11 +4,12 @@ A module path is the ``/``-joined attribute path from the model root, e.g.
 ``blocks/0/mlp/fc``. A rule's ``path`` is matched with ``re.fullmatch``; like qwix, the
 first rule that matches a layer wins, and the user's model code is never edited. Rules are
 any objects (or dicts) with a ``path`` and optional transform blocks - ``sparsity``;
-``quant`` with ``weights`` / ``activations``; ``analog`` - each a dict with a ``method``
-(``sparsejax.transforms``) or a spec object, e.g. the config's ``RuleConfig``. ``Linear``
-layers are matched by every rule; ``Activation`` layers only by rules that carry an
-``analog`` block (the one transform they take), so a broad sparsity rule such as
-``blocks/.*`` does not claim them.
+``quant`` with ``weights`` / ``activations``; ``analog``; ``attention`` - each a dict with
+a ``method`` (``sparsejax.transforms``) or a spec object, e.g. the config's
+``RuleConfig``. ``Linear`` layers are matched by every rule but those whose only block is
+``attention``; ``Activation`` layers only by rules that carry an ``analog`` block (the one
+transform they take) and ``Attention`` modules only by rules with an ``attention`` block,
+so a broad sparsity rule such as ``blocks/.*`` claims neither.
 
 This module also reads the transforms back out of a configured model, whatever their
 method: loss terms, metrics, snapshots, optimiser groups.
@@ -26,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparsejax.nn.attention import Attention
 from sparsejax.nn.layers import Activation, Linear
 from sparsejax.nn.slots import TransformSlot
-from sparsejax.transforms import Context, ParamGroup, Site, rule_field, rule_specs
+from sparsejax.transforms import RULE_BLOCKS, Context, ParamGroup, Site, rule_field, rule_specs
 
 __all__ = ["analog_layers", "apply_rules", "apply_updates", "assign_rules", "has_updates",
            "layer_metrics", "loss_terms",
@@ -39,7 +41,9 @@ __all__ = ["analog_layers", "apply_rules", "apply_updates", "assign_rules", "has
 STAGE_LOG_KEYS = {"sparsity": ("sparsity/{path}", "sparsity"),
                   "weight_quant": ("quant/{path}/weights", "quant/weights"),
                   "act_quant": ("quant/{path}/activations", "quant/activations"),
-                  "analog": ("analog/{path}", "analog")}
+                  "analog": ("analog/{path}", "analog"),
+                  "attention": ("attention/{path}", "attention")}
+LAYER_TYPES = (Linear, Activation, Attention)  # the layers rules configure
 
 
 def named_layers(model: nnx.Module, types: tuple[type, ...] = (Linear,)
@@ -50,21 +54,34 @@ def named_layers(model: nnx.Module, types: tuple[type, ...] = (Linear,)
             for path, node in nnx.iter_graph(model) if isinstance(node, types)]
 
 
+def _eligible(rule: Any, linears: list[str], activations: list[str], attentions: list[str]
+              ) -> list[str]:
+    """The layer paths ``rule`` may claim (module docstring)."""
+    blocks = [key.split(".")[0] for key, _, _ in RULE_BLOCKS
+              if rule_field(rule, key.split(".")[0]) is not None]
+    has = set(blocks)
+    return ((linears if has - {"attention"} or not has else [])
+            + (activations if "analog" in has else [])
+            + (attentions if "attention" in has else []))
+
+
 def assign_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
     """Map each layer path to the index of the first rule whose ``path`` regex matches
-    (``Linear`` layers: any rule; ``Activation`` layers: rules with an ``analog`` block).
+    (``Linear`` layers: any rule without only an ``attention`` block; ``Activation``
+    layers: rules with an ``analog`` block; ``Attention`` modules: rules with an
+    ``attention`` block).
 
     Raises ``ValueError`` naming the rule and listing the layer paths when a rule matches
     no layer (a typo in a pattern must not silently train a dense model).
     """
     linears = [path for path, _ in named_layers(model, (Linear,))]
     activations = [path for path, _ in named_layers(model, (Activation,))]
+    attentions = [path for path, _ in named_layers(model, (Attention,))]
     compiled = [re.compile(rule.path if not isinstance(rule, dict) else rule["path"])
                 for rule in rules]
-    eligible = [linears + (activations if rule_field(rule, "analog") is not None else [])
-                for rule in rules]
+    eligible = [_eligible(rule, linears, activations, attentions) for rule in rules]
     assignment: dict[str, int] = {}
-    for path in linears + activations:
+    for path in linears + activations + attentions:
         for i, pattern in enumerate(compiled):
             if path in eligible[i] and pattern.fullmatch(path):
                 assignment[path] = i
@@ -93,13 +110,13 @@ def apply_rules(model: nnx.Module, rules: Sequence[Any], total_steps: int | None
     name the rule and the layer.
     """
     assignment = assign_rules(model, rules)
-    layers = dict(named_layers(model, (Linear, Activation)))
+    layers = dict(named_layers(model, LAYER_TYPES))
     planned: dict[str, dict[str, Any]] = {path: {} for path in assignment}
     for index, rule in enumerate(rules):
         paths = [p for p, i in assignment.items() if i == index]
         try:
             for stage, (_, spec) in rule_specs(rule).items():
-                targets = [p for p in paths if isinstance(layers[p], Linear) or stage == "analog"]
+                targets = [p for p in paths if _takes(layers[p], stage)]
                 sites = [_site(layers[p], stage) for p in targets]
                 for path, layer_spec in zip(targets, spec.bind(total_steps).plan(sites),
                                             strict=True):
@@ -114,6 +131,13 @@ def apply_rules(model: nnx.Module, rules: Sequence[Any], total_steps: int | None
     return assignment
 
 
+def _takes(layer: nnx.Module, stage: str) -> bool:
+    """Whether ``layer`` has the pipeline stage ``stage``."""
+    if isinstance(layer, Attention):
+        return stage == "attention"
+    return stage == "analog" if isinstance(layer, Activation) else stage != "attention"
+
+
 def _site(layer: nnx.Module, stage: str) -> Site:
     """The site a stage of ``layer`` is (for :meth:`~sparsejax.transforms.Transform.plan`)."""
     return Site("outputs", (1,)) if isinstance(layer, Activation) else layer.site(stage)
@@ -122,7 +146,7 @@ def _site(layer: nnx.Module, stage: str) -> Site:
 def transform_slots(model: nnx.Module
                     ) -> Iterator[tuple[str, nnx.Module, str, TransformSlot]]:
     """``(layer path, layer, stage, slot)`` of every configured transform."""
-    for path, layer in named_layers(model, (Linear, Activation)):
+    for path, layer in named_layers(model, LAYER_TYPES):
         for stage, slot in layer.slots():
             yield path, layer, stage, slot
 

@@ -51,10 +51,13 @@ class TransformSlot(nnx.Module):
                                 for k, v in spec.params(site, x, key).items()})
         self.state = nnx.Dict({k: TransformState(jnp.asarray(v))
                                for k, v in spec.init(site, x, key).items()})
-        example = x if x is not None else jax.ShapeDtypeStruct(site.shape, jnp.float32)
+        example = x if x is not None else jax.ShapeDtypeStruct(
+            (1, 1, *site.shape) if site.role == "attention" else site.shape, jnp.float32)
 
         def metrics_of(p, s, v):  # those of a training call, then those of an update
             ctx = Context(True, jax.random.key(0), jnp.zeros((), jnp.int32))
+            if site.role == "attention":  # v: one token's (1, 1, heads, head_dim)
+                return spec.attend(v, v, v, jnp.zeros(1, jnp.int32), p, s, site, ctx)[2]
             out = spec.apply(v, p, s, site, ctx)[2]
             return {**out, **(spec.update(site, View(v, p, s), v, ctx)[3]
                               if spec.has_update else {})}
@@ -92,6 +95,14 @@ class TransformSlot(nnx.Module):
         """``spec.matmul``; records the new state."""
         y, state = self.spec.matmul(x, w, _values(self.state), ctx)
         self._store(state, {})
+        return y
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+               ctx: Context) -> jax.Array:
+        """``spec.attend`` (attention sites); records the new state and the metrics."""
+        y, state, metrics = self.spec.attend(q, k, v, q_positions, _values(self.params),
+                                             _values(self.state), self.site, ctx)
+        self._store(state, metrics)
         return y
 
     def update(self, x: jax.Array, grad: jax.Array, ctx: Context

@@ -1,11 +1,12 @@
 """Transforms: one registered spec class per sparsity, quantisation or analog method.
 
 ``sparsejax.transforms.base`` defines the protocol and the registry; the methods live one
-per file under ``sparsity/``, ``quant/`` and ``analog/`` and register themselves by name
-when this package is imported. Adding a method: ``docs/adding-a-method.md``.
+per file under ``sparsity/``, ``prune/``, ``quant/``, ``analog/`` and ``attention/`` and
+register themselves by name when this package is imported. Adding a method:
+``docs/adding-a-method.md``.
 """
 
-from sparsejax.transforms import analog, prune, quant, sparsity
+from sparsejax.transforms import analog, attention, prune, quant, sparsity
 from sparsejax.transforms.base import (
     DEFAULT_METHOD,
     RULE_BLOCKS,
@@ -29,6 +30,7 @@ from sparsejax.transforms.base import (
 )
 
 __all__ = ["DEFAULT_METHOD", "RULE_BLOCKS", "WEIGHT_STAGES", "Context", "Metrics",
-           "ParamGroup", "Site", "SpecError", "Transform", "View", "analog", "build_spec",
+           "ParamGroup", "Site", "SpecError", "Transform", "View", "analog", "attention",
+           "build_spec",
            "check_pipeline", "methods", "prune", "quant", "register", "rule_field", "rule_specs",
            "select_matmul", "spec_class", "spec_fields", "sparsity"]

@@ -47,8 +47,9 @@ class SpecError(ValueError):
 
 class Site(NamedTuple):
     """Where a transform acts. ``role``: ``weights`` (a kernel ``(in, out)``, contracting
-    axis 0), ``activations`` (a layer's input, features on axis -1) or ``outputs`` (an
-    activation layer's output); ``shape``: the kernel's shape, or ``(features,)``."""
+    axis 0), ``activations`` (a layer's input, features on axis -1), ``outputs`` (an
+    activation layer's output) or ``attention`` (an attention module's queries, keys and
+    values); ``shape``: the kernel's shape, ``(features,)`` or ``(heads, head_dim)``."""
 
     role: str
     shape: tuple[int, ...]
@@ -96,7 +97,8 @@ class ParamGroup:
 
 _REGISTRY: dict[str, dict[str, type[Transform]]] = {}
 # The method a block without ``method:`` gets (the configs' historical defaults).
-DEFAULT_METHOD = {"sparsity": "sste", "quant": "dat", "analog": "tile", "prune": "sparsegpt"}
+DEFAULT_METHOD = {"sparsity": "sste", "quant": "dat", "analog": "tile", "prune": "sparsegpt",
+                  "attention": "gaincell"}
 
 
 def register(kind: str, method: str):
@@ -192,7 +194,7 @@ class Transform:
 
     kind: ClassVar[str] = ""
     method: ClassVar[str] = ""
-    # Sites the method can act on (``weights``, ``activations``, ``outputs``).
+    # Sites the method can act on (``weights``, ``activations``, ``outputs``, ``attention``).
     roles: ClassVar[tuple[str, ...]] = ("weights",)
     # Metric names whose values are terms of the training objective (summed over layers).
     loss_terms: ClassVar[tuple[str, ...]] = ()
@@ -258,6 +260,15 @@ class Transform:
     def apply(self, x: jax.Array, params: State, state: State, site: Site, ctx: Context
               ) -> tuple[jax.Array, State, Metrics]:
         """``(transformed x, new state, metrics)``; same shape and dtype as ``x``."""
+        raise NotImplementedError
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+               params: State, state: State, site: Site, ctx: Context
+               ) -> tuple[jax.Array, State, Metrics]:
+        """Attention sites (``role == "attention"``, shape ``(heads, head_dim)``): the
+        output ``(B, T, H, D)`` of queries ``q`` ``(B, T, H, D)`` at ``q_positions``
+        ``(T,)`` over keys and values ``(B, L, H, D)`` at positions ``0 .. L-1``, causal
+        (a query sees keys at or before its position), the new state and metrics."""
         raise NotImplementedError
 
     @property
@@ -329,10 +340,12 @@ class Transform:
         """The weight in inference form (:meth:`inference` without its metrics)."""
         return self.inference(w, params, state, site)[0]
 
-    def calibrate(self, site: Site, view: View, h: jax.Array) -> View:
+    def calibrate(self, site: Site, view: View, h: Any) -> View:
         """Post-training: the tensor, params and state after the method has seen
-        calibration data, from the trained ``view`` and ``h = X^T X`` ``(in, in)``, the
-        Gram matrix of the layer's calibration inputs (``sparsejax.posttrain``)."""
+        calibration data, from the trained ``view`` and the data: for weights ``h = X^T X``
+        ``(in, in)``, the Gram matrix of the layer's calibration inputs
+        (``sparsejax.posttrain``); for attention sites, the queries, keys and values that
+        reach the layer and a teacher's output statistics (``sparsejax.adapt``)."""
         raise NotImplementedError(f"{self.kind} method '{self.method}' takes no calibration")
 
     def pack(self, w: jax.Array) -> Any:
@@ -354,7 +367,8 @@ RULE_BLOCKS = (("sparsity", "sparsity", "sparsity"),
                ("prune", "prune", "sparsity"),
                ("quant.weights", "quant", "weight_quant"),
                ("quant.activations", "quant", "act_quant"),
-               ("analog", "analog", "analog"))
+               ("analog", "analog", "analog"),
+               ("attention", "attention", "attention"))
 WEIGHT_STAGES = ("sparsity", "weight_quant", "analog")  # pipeline order on the weight
 
 
