@@ -472,23 +472,24 @@ def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
     return straight_through(x, jnp.round(x32 + u).astype(x.dtype))
 
 
-def fp8(x: jax.Array, fmt: str = "e4m3") -> jax.Array:
-    """Round ``x`` onto the FP8 grid of ``fmt`` after scaling its amax to the format's
-    largest finite value; same shape and dtype as ``x``. Not differentiable by itself (use
+def fp8(x: jax.Array, fmt: str = "e4m3", axis: int | None = None) -> jax.Array:
+    """Round ``x`` onto the FP8 grid of ``fmt`` after scaling its amax - over the whole
+    tensor, or along ``axis`` (one scale per slice) - to the format's largest finite
+    value; same shape and dtype as ``x``. Not differentiable by itself (use
     :func:`fp8_ste`, or where a custom gradient is defined)."""
     if fmt not in FP8_FORMATS:
         raise ValueError(f"fp8 format '{fmt}' is not one of {'|'.join(FP8_FORMATS)}")
     dtype = FP8_FORMATS[fmt]
     x32 = upcast(x)
-    amax = jnp.max(jnp.abs(x32))
+    amax = jnp.max(jnp.abs(x32), axis=axis, keepdims=axis is not None)
     scale = jnp.where(amax > 0, amax / float(jnp.finfo(dtype).max), 1.0)
     q = (x32 / scale).astype(dtype).astype(x32.dtype)
     return (q * scale).astype(x.dtype)
 
 
-def fp8_ste(x: jax.Array, fmt: str = "e4m3") -> jax.Array:
+def fp8_ste(x: jax.Array, fmt: str = "e4m3", axis: int | None = None) -> jax.Array:
     """:func:`fp8` forward, identity gradient."""
-    return straight_through(x, fp8(x, fmt))
+    return straight_through(x, fp8(x, fmt, axis))
 
 
 def fp8_with_stats(x: jax.Array, fmt: str = "e4m3") -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -130,6 +130,18 @@ def test_tiled_lmul_matmul_equals_the_elementwise_definition_summed(shape_a, k_t
     assert not np.allclose(got, a @ b, rtol=1e-3)  # it is not the exact product
 
 
+def test_batched_lmul_matmul_broadcasts_like_matmul():
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(2, 3, 5, 20)).astype(np.float32)
+    b = rng.normal(size=(2, 1, 20, 4)).astype(np.float32)
+    got = np.asarray(lmul_matmul(a, b, 4, k_tile=8))
+    assert got.shape == (2, 3, 5, 4)
+    products = np.asarray(lmul(a[..., :, :, None], b[..., None, :, :], 4), np.float64)
+    np.testing.assert_allclose(got, products.sum(axis=-2), rtol=1e-5, atol=1e-5)
+    vector = np.asarray(lmul_matmul(a[0, 0, 0], b[0, 0], 4))
+    np.testing.assert_allclose(vector, got[0, 0, 0], rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- signed cuts
 
 

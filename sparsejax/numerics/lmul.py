@@ -98,23 +98,30 @@ def lmul(x: jax.Array, y: jax.Array, mantissa_bits: int) -> jax.Array:
 
 def lmul_matmul(a: jax.Array, b: jax.Array, mantissa_bits: int, k_tile: int = 16
                 ) -> jax.Array:
-    """``a @ b`` with every product an L-Mul (:func:`lmul`) and the sums in float32:
-    ``a`` ``(..., K)``, ``b`` ``(K, N)`` -> ``(..., N)``. Tiled over K (``k_tile`` at a
-    time, accumulated by ``lax.scan``) so that only a ``(prod(...), k_tile, N)`` block of
-    products exists at once, never the whole ``(prod(...), K, N)``."""
-    if a.shape[-1] != b.shape[0] or b.ndim != 2:
-        raise ValueError(f"lmul_matmul: a (..., K) and b (K, N), got {a.shape} and {b.shape}")
-    lead, k, n = a.shape[:-1], a.shape[-1], b.shape[1]
-    a2 = a.reshape(-1, k).astype(jnp.float32)
+    """``a @ b`` with every product an L-Mul (:func:`lmul`) and the sums in float32, with
+    ``jnp.matmul``'s shapes: ``a`` ``(..., M, K)`` (or ``(..., K)`` with a 2-D ``b``),
+    ``b`` ``(K, N)`` or ``(..., K, N)`` (batch axes broadcast). Tiled over K (``k_tile``
+    at a time, accumulated by ``lax.scan``) so that only a ``(..., M, k_tile, N)`` block
+    of products exists at once, never the whole ``(..., M, K, N)``."""
+    if b.ndim < 2 or a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"lmul_matmul: a (..., K) and b (..., K, N), got {a.shape} and "
+                         f"{b.shape}")
+    if a.ndim == 1:
+        return lmul_matmul(a[None], b, mantissa_bits, k_tile)[..., 0, :]
+    k = a.shape[-1]
     tiles = -(-k // k_tile)
     pad = tiles * k_tile - k
-    a2 = jnp.pad(a2, ((0, 0), (0, pad))).reshape(a2.shape[0], tiles, k_tile)
-    b2 = jnp.pad(b.astype(jnp.float32), ((0, pad), (0, 0))).reshape(tiles, k_tile, n)
+    a = jnp.pad(a.astype(jnp.float32), [(0, 0)] * (a.ndim - 1) + [(0, pad)])
+    b = jnp.pad(b.astype(jnp.float32), [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)])
+    # (tiles, ..., M, kt) and (tiles, ..., kt, N); padding multiplies 0 by 0
+    a_tiles = jnp.moveaxis(a.reshape(*a.shape[:-1], tiles, k_tile), -2, 0)
+    b_tiles = jnp.moveaxis(b.reshape(*b.shape[:-2], tiles, k_tile, b.shape[-1]), -3, 0)
 
     def step(acc, operands):
-        a_tile, b_tile = operands  # (M, kt), (kt, N); padding is 0 * 0 = 0
-        return acc + lmul(a_tile[:, :, None], b_tile[None], mantissa_bits).sum(axis=1), None
+        a_tile, b_tile = operands
+        products = lmul(a_tile[..., :, None], b_tile[..., None, :, :], mantissa_bits)
+        return acc + products.sum(axis=-2), None
 
-    acc0 = jnp.zeros((a2.shape[0], n), jnp.float32)
-    out, _ = jax.lax.scan(step, acc0, (jnp.moveaxis(a2, 1, 0), b2))
-    return out.reshape(*lead, n)
+    shape = jnp.broadcast_shapes(a.shape[:-1] + (1,), b.shape[:-2] + (1, b.shape[-1]))
+    out, _ = jax.lax.scan(step, jnp.zeros(shape, jnp.float32), (a_tiles, b_tiles))
+    return out

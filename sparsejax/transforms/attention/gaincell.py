@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax.estimators import straight_through
 from sparsejax.transforms.base import (
     Context,
     Metrics,
@@ -92,8 +93,7 @@ def quantize_levels(x: jax.Array, lo: float, hi: float, levels: int) -> jax.Arra
     """``x`` (already in ``[lo, hi]``) rounded to ``levels`` equally spaced values from
     ``lo`` to ``hi``; straight-through gradient (identity)."""
     step = (hi - lo) / (levels - 1)
-    q = lo + step * jnp.round((x - lo) / step)
-    return x + jax.lax.stop_gradient(q - x)
+    return straight_through(x, lo + step * jnp.round((x - lo) / step))
 
 
 def decay_window(q_positions: jax.Array, n_keys: int, window: int, decay_rate: float
@@ -117,7 +117,7 @@ def _cell_product(spec: str, x: jax.Array, u: jax.Array, weight: jax.Array, gain
     visible = (weight > 0).astype(weight.dtype)  # D^0: 1 inside the window only
     exact = sum(c * jnp.einsum(spec, x, u ** p, weight ** p if p else visible)
                 for p, c in enumerate(CELL_POLYNOMIAL))
-    return linear + jax.lax.stop_gradient(exact - linear)
+    return straight_through(linear, exact)
 
 
 def _inputs(q: jax.Array, k: jax.Array, v: jax.Array, params: State, q_levels: int,
