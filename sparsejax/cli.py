@@ -9,6 +9,8 @@
     sparsejax evaluate-analog RUN_DIR [--times 60,3600,...] [--repeats 5]
     sparsejax prune RUN_DIR --method magnitude|wanda|sparsegpt|dsf --sparsity S | --nm N:M
         --out NEW_RUN_DIR [--layers REGEX] [--calib-batches 32]
+    sparsejax compress RUN_DIR --method signed_cuts|rtn|svd --bits B --out NEW_RUN_DIR
+        [--layers REGEX]
 
 Configuration problems print one line to stderr and exit with code 2 before anything is
 written; a diverged run exits with code 3.
@@ -238,6 +240,19 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from sparsejax.compress import compress_run
+
+    report = compress_run(args.run_dir, args.out, method=args.method, bits=args.bits,
+                          layers=args.layers, step=args.step,
+                          progress=None if args.quiet else print)
+    if args.quiet:
+        print(f"validation loss {report['before']['loss']:.4f} -> "
+              f"{report['after']['loss']:.4f} at {report['bits_per_weight']:.3f} bits per "
+              f"weight; written {args.out}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsejax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -357,6 +372,23 @@ def make_parser() -> argparse.ArgumentParser:
     prune.add_argument("--step", type=int, default=None, help="checkpoint step")
     prune.add_argument("--quiet", action="store_true")
     prune.set_defaults(func=_cmd_prune)
+    compress = sub.add_parser(
+        "compress", help="post-training compression of a trained run's linear layers to a "
+        "bits-per-weight budget (1-bit signed cuts; absmax RTN and truncated SVD)",
+        description="Compress the matched linear layers of a trained run (the weights only; "
+        "simulated: the approximations are written as dense kernels) and write a new run "
+        "directory (step 0) with compress.json. Prints the validation loss before and after.")
+    compress.add_argument("run_dir", help="run directory (latest checkpoint) or "
+                          "<run>/checkpoints/<step>")
+    compress.add_argument("--method", required=True, metavar="signed_cuts|rtn|svd")
+    compress.add_argument("--bits", type=float, required=True,
+                          help="bits per weight of each compressed layer, e.g. 1 or 0.5")
+    compress.add_argument("--out", required=True, help="new run directory (must not exist)")
+    compress.add_argument("--layers", default=r"blocks/\d+/(attn|mlp)/.*", metavar="REGEX",
+                          help="layer paths (default: the transformer blocks' linears)")
+    compress.add_argument("--step", type=int, default=None, help="checkpoint step")
+    compress.add_argument("--quiet", action="store_true")
+    compress.set_defaults(func=_cmd_compress)
     return parser
 
 

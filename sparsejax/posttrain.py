@@ -48,6 +48,7 @@ from sparsejax.transforms import build_spec, methods
 from sparsejax.transforms.prune import PruneError, PruneResult, weighted_error
 
 __all__ = ["LayerReport", "PruneError", "PruneResult", "calibration_batches", "call_order",
+           "save_step_zero",
            "input_grams", "parse_nm", "prune_layer", "prune_model", "prune_run"]
 
 # Config keys of the prune rule -> the command's flags, for error messages.
@@ -242,7 +243,7 @@ def _copy_from_source(model: nnx.Module, source: nnx.Module, pruned: Sequence[st
             layer.kernel[...] = source_layers[path].effective_kernel()
 
 
-def _save_step_zero(cfg: Any, model: nnx.Module, directory: Path) -> None:
+def save_step_zero(cfg: Any, model: nnx.Module, directory: Path) -> None:
     """The pruned model as the step-0 checkpoint of a run (fresh optimiser state), in
     the layout the trainer writes and resumes from."""
     from sparsejax.train import TrainState, build_optimizer
@@ -338,7 +339,7 @@ def prune_run(run_dir: str | Path, out: str | Path, *, method: str,
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    _save_step_zero(new_cfg, model, partial)
+    save_step_zero(new_cfg, model, partial)
     (partial / "config.yaml").write_text(to_yaml(new_cfg))
     (partial / "prune.json").write_text(json.dumps(report, indent=2) + "\n")
     (partial / "results.json").write_text(json.dumps(

@@ -1,0 +1,157 @@
+"""Post-training compression of a trained run's linear layers to a bits-per-weight budget
+(``sparsejax compress``): 1-bit signed cuts (``sparsejax.numerics.signed_cuts``), and
+as baselines absmax round-to-nearest and truncated SVD at the same storage.
+
+Storage counted per (in, out) kernel, weights only (biases stay float32):
+
+- ``signed_cuts``: ``w`` terms of ``in + out`` sign bits and one 16-bit coefficient,
+  ``w = floor(bits * in * out / (in + out + 16))``;
+- ``rtn``: ``b``-bit absmax round-to-nearest per output column with a 16-bit scale per
+  column (``b = bits`` rounded down to an integer >= 1; 1 bit is ``sign(w) mean|w|``);
+- ``svd``: rank ``r = floor(bits * in * out / (16 (in + out)))`` with 16-bit factors.
+
+The compressed weights are written as the kernels of a new run directory (step-0
+checkpoint, the source's config, ``compress.json`` with the per-layer bits and errors), so
+``evaluate``, ``sample``, ``compare`` and ``train.init_from`` read it like any run; the
+factors themselves are not kept (simulation of the storage format).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sparsejax.config import ConfigError, RuleConfig, to_yaml
+from sparsejax.nn import Linear, named_layers
+from sparsejax.numerics.signed_cuts import signed_cut_width, signed_cuts
+from sparsejax.quant import absmax_ste
+
+__all__ = ["COMPRESSORS", "compress_run", "compress_weight"]
+
+SCALAR_BITS = 16
+
+
+def _signed_cuts(w: jax.Array, bits: float) -> tuple[jax.Array, float]:
+    m, n = w.shape
+    width = signed_cut_width(m, n, bits, SCALAR_BITS)
+    approx = jax.jit(signed_cuts, static_argnums=1)(w, width).dense()
+    return approx, width * (m + n + SCALAR_BITS) / (m * n)
+
+
+def _rtn(w: jax.Array, bits: float) -> tuple[jax.Array, float]:
+    b = max(1, int(bits))
+    approx = absmax_ste(w, b, block_size=w.shape[0], axis=0)  # one scale per output column
+    return approx, b + SCALAR_BITS / w.shape[0]
+
+
+def _svd(w: jax.Array, bits: float) -> tuple[jax.Array, float]:
+    m, n = w.shape
+    rank = max(1, int(bits * m * n // (SCALAR_BITS * (m + n))))
+    u, s, vt = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
+    approx = (u[:, :rank] * s[:rank]) @ vt[:rank]
+    return approx, rank * SCALAR_BITS * (m + n) / (m * n)
+
+
+COMPRESSORS: dict[str, Callable[[jax.Array, float], tuple[jax.Array, float]]] = {
+    "signed_cuts": _signed_cuts, "rtn": _rtn, "svd": _svd}
+
+
+def compress_weight(method: str, w: jax.Array, bits: float) -> tuple[jax.Array, float]:
+    """``(approximation, bits per weight it stores)`` of the kernel ``w`` (in, out) by
+    ``method`` (:data:`COMPRESSORS`) within ``bits`` per weight."""
+    if method not in COMPRESSORS:
+        raise ValueError(f"method '{method}' is not one of {'|'.join(COMPRESSORS)}")
+    if not bits > 0:
+        raise ValueError(f"bits per weight must be > 0, got {bits}")
+    return COMPRESSORS[method](jnp.asarray(w, jnp.float32), bits)
+
+
+def _still_matches(model: Any, first: RuleConfig, rule: Any) -> bool:
+    """Whether ``rule`` still claims a layer behind ``first`` (else it is dropped: its
+    layers were all compressed)."""
+    from sparsejax.nn import assign_rules
+
+    try:
+        assign_rules(model, [first, rule])
+    except ValueError:
+        return False
+    return True
+
+
+def compress_run(run_dir: str | Path, out: str | Path, *, method: str, bits: float,
+                 layers: str = r"blocks/\d+/(attn|mlp)/.*", step: int | None = None,
+                 progress: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Compress the linear layers of ``run_dir`` matching ``layers`` with ``method`` at
+    ``bits`` per weight and write the result as the run directory ``out``; returns the
+    report (also ``out/compress.json``): validation metrics before and after, and per
+    layer the bits stored and the relative Frobenius error. Raises :class:`ConfigError`
+    (one line, nothing written) for a bad method, budget or regex, a run without
+    checkpoints or an existing ``out``."""
+    from sparsejax.posttrain import save_step_zero
+    from sparsejax.train import evaluate_model, load_model, resolve_checkpoint
+
+    out = Path(out)
+    if method not in COMPRESSORS:
+        raise ConfigError(f"--method '{method}' is not one of {'|'.join(COMPRESSORS)}")
+    if not bits > 0:
+        raise ConfigError(f"--bits must be > 0, got {bits}")
+    if out.exists():
+        raise ConfigError(f"--out {out} exists; choose a new directory")
+    try:
+        pattern = re.compile(layers)
+    except re.error as err:
+        raise ConfigError(f"--layers '{layers}' is not a regex: {err}") from None
+    source_dir, step = resolve_checkpoint(run_dir, step)
+    model, cfg, step = load_model(source_dir, step)
+    targets = [(p, layer) for p, layer in named_layers(model, (Linear,))
+               if pattern.fullmatch(p)]
+    if not targets:
+        paths = ", ".join(p for p, _ in named_layers(model, (Linear,)))
+        raise ConfigError(f"--layers '{layers}' matches no linear layer; they are: {paths}")
+    before = evaluate_model(model, cfg)
+    per_layer, stored, total = [], 0.0, 0
+    for path, layer in targets:
+        w = layer.effective_kernel()
+        approx, used = compress_weight(method, w, bits)
+        error = float(jnp.linalg.norm(approx - w) / jnp.linalg.norm(w))
+        layer.kernel[...] = approx
+        layer.configure({}, layer.seed)  # its weight transforms are folded into the kernel
+        per_layer.append({"path": path, "shape": list(w.shape), "bits_per_weight": used,
+                          "rel_error": error})
+        stored, total = stored + used * w.size, total + w.size
+        if progress:
+            progress(f"  {path:24s} {method} {used:.3f} bits/weight: relative error "
+                     f"{error:.4f}")
+    after = evaluate_model(model, cfg)
+    report = {"source": str(source_dir), "source_step": step, "method": method,
+              "bits": bits, "layers": layers, "bits_per_weight": stored / total,
+              "before": before, "after": after, "per_layer": per_layer}
+    new_cfg = copy.deepcopy(cfg)
+    new_cfg.name, new_cfg.run_dir = out.name, str(out)
+    new_cfg.train.init_from = None
+    # the compressed layers are plain dense layers now: a first rule with no blocks
+    # claims exactly them (first match wins), the source's rules keep the others
+    first = RuleConfig(path="(" + "|".join(re.escape(p) for p, _ in targets) + ")")
+    new_cfg.rules = [first, *(r for r in cfg.rules if _still_matches(model, first, r))]
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_step_zero(new_cfg, model, partial)
+    (partial / "config.yaml").write_text(to_yaml(new_cfg))
+    (partial / "compress.json").write_text(json.dumps(report, indent=2) + "\n")
+    (partial / "results.json").write_text(json.dumps(
+        {"run_dir": str(out), "steps": 0, **{f"val_{k}": v for k, v in after.items()},
+         **{f"val_{k}_before_compression": v for k, v in before.items()}}, indent=2) + "\n")
+    partial.rename(out)
+    if progress:
+        progress(f"val loss {before['loss']:.4f} -> {after['loss']:.4f} at "
+                 f"{stored / total:.3f} bits per weight; written {out}")
+    return report
