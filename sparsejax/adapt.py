@@ -65,7 +65,8 @@ def _attention_calls(model: nnx.Module, x: jax.Array
                      ) -> list[tuple[str, jax.Array, jax.Array, jax.Array, jax.Array]]:
     paths = {id(layer): path for path, layer in named_layers(model, (Attention,))}
     calls: list = []
-    with tap_attention(lambda layer, q, k, v, y: calls.append((paths[id(layer)], q, k, v, y))):
+    with tap_attention(lambda layer, q, k, v, y, x: calls.append((paths[id(layer)], q, k, v,
+                                                                    y))):
         model(x)
     return calls
 

@@ -21,7 +21,9 @@ from sparsejax.nn import Activation, Attention, Embed, LayerNorm, Linear, dropou
 
 __all__ = ["GPT", "KVCache"]
 
-KVCache = dict[str, jax.Array]  # one layer's {"k", "v"}: (B, block_size, n_head, head_dim)
+# one layer's cache: {"k", "v"} of (B, block_size, n_head, head_dim), or an attention
+# transform's own layout
+KVCache = dict[str, jax.Array]
 
 
 def _fold(key: jax.Array | None, i: int) -> jax.Array | None:
@@ -47,7 +49,7 @@ class CausalSelfAttention(Attention):
 
     def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
         """``x``: (B, T, C) -> (B, T, C)."""
-        y = self.attend(*self._heads(x))
+        y = self.attend(*self._heads(x), x=x)
         return dropout(self.proj(y.reshape(x.shape)), self.dropout_rate, key)
 
     def cached(self, x: jax.Array, cache: KVCache, pos: jax.Array
@@ -55,12 +57,16 @@ class CausalSelfAttention(Attention):
         """``x``: (B, T, C), the tokens at positions ``pos .. pos + T - 1``; their keys and
         values are written into ``cache`` (``k``, ``v``: (B, L, H, D)) and each query
         attends to the cached positions up to its own. Returns (B, T, C) and the cache."""
-        q, k, v = self._heads(x)
-        start = (0, pos, 0, 0)
-        keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-        values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-        y = self.attend(q, keys, values, pos + jnp.arange(x.shape[1]))
-        return self.proj(y.reshape(x.shape)), {"k": keys, "v": values}
+        y, cache = self.attend_cached(*self._heads(x), x, cache, pos)
+        return self.proj(y.reshape(x.shape)), cache
+
+    def kv_projection(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """``(W_k, b_k, W_v, b_v)`` from the qkv layer's inference weight and bias."""
+        w = self.qkv.effective_kernel()
+        b = self.qkv.bias[...] if self.qkv.bias is not None else jnp.zeros(w.shape[1])
+        _, w_k, w_v = jnp.split(w, 3, axis=1)
+        _, b_k, b_v = jnp.split(b, 3)
+        return w_k, b_k, w_v, b_v
 
 
 class MLP(nnx.Module):
@@ -144,12 +150,9 @@ class GPT(nnx.Module):
 
     def init_cache(self, batch: int, dtype: jnp.dtype = jnp.float32) -> list[KVCache]:
         """An empty KV cache of ``block_size`` positions per layer: ``[{"k", "v"}]`` of
-        shape (B, block_size, n_head, head_dim)."""
-        attn = self.blocks[0].attn
-        n_embd = self.wpe.embedding.shape[1]
-        shape = (batch, self.block_size, attn.n_head, n_embd // attn.n_head)
-        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                for _ in self.blocks]
+        shape (B, block_size, n_head, head_dim), or the layout of a layer's attention
+        transform when it keeps its own (e.g. CSKV's compressed cache)."""
+        return [block.attn.init_cache(batch, self.block_size, dtype) for block in self.blocks]
 
     def forward_cached(self, ids: jax.Array, cache: list[KVCache], pos: jax.Array
                        ) -> tuple[jax.Array, list[KVCache]]:

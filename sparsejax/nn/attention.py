@@ -24,16 +24,17 @@ __all__ = ["ATTENTION_STAGES", "Attention", "tap_attention"]
 
 ATTENTION_STAGES = ("attention",)
 
+Tap = Callable[["Attention", jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None],
+              None]
 # Functions that see every attention call (``tap_attention``); empty in normal use.
-_TAPS: list[Callable[[Attention, jax.Array, jax.Array, jax.Array, jax.Array], None]] = []
+_TAPS: list[Tap] = []
 
 
 @contextlib.contextmanager
-def tap_attention(fn: Callable[[Attention, jax.Array, jax.Array, jax.Array, jax.Array], None]
-                  ) -> Iterator[None]:
-    """Within the block, every :meth:`Attention.attend` passes ``(layer, q, k, v, y)`` to
-    ``fn`` (at trace time under ``jax.jit``): statistics for calibration
-    (``sparsejax.adapt``) without the model knowing."""
+def tap_attention(fn: Tap) -> Iterator[None]:
+    """Within the block, every :meth:`Attention.attend` passes ``(layer, q, k, v, y, x)``
+    to ``fn`` (at trace time under ``jax.jit``; ``x`` the module's input, or None):
+    statistics for calibration (``sparsejax.adapt``) without the model knowing."""
     _TAPS.append(fn)
     try:
         yield
@@ -70,12 +71,22 @@ class Attention(nnx.Module):
     def slots(self) -> list[tuple[str, TransformSlot]]:
         return [] if self.attention is None else [("attention", self.attention)]
 
+    def kv_projection(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """``(W_k, b_k, W_v, b_v)``: the inference weights ``(in, H * D)`` and biases
+        ``(H * D,)`` that map the module's input to its keys and values (for transforms
+        that re-project them, e.g. CSKV). Subclasses with such projections define it."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its key and "
+                                  "value projections")
+
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array,
-               q_positions: jax.Array | None = None) -> jax.Array:
+               q_positions: jax.Array | None = None, x: jax.Array | None = None
+               ) -> jax.Array:
         """``q`` ``(B, T, H, D)``, ``k``, ``v`` ``(B, L, H, D)`` at key positions
         ``0 .. L-1`` -> ``(B, T, H, D)``. ``q_positions`` ``(T,)``: the queries' positions
         (default ``0 .. T-1`` with ``L == T``, the training forward); each query sees the
-        keys at or before its position (a KV cache's unwritten tail is thus hidden)."""
+        keys at or before its position (a KV cache's unwritten tail is thus hidden).
+        ``x`` ``(B, L, C)``: the module's input that produced ``k``, ``v`` (for transforms
+        that re-project it)."""
         if self.attention is None:
             if q_positions is None:
                 y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
@@ -86,7 +97,33 @@ class Attention(nnx.Module):
         else:
             positions = jnp.arange(q.shape[1]) if q_positions is None else q_positions
             ctx = Context(not self.deterministic, jax.random.key(self.seed))
-            y = self.attention.attend(q, k, v, positions, ctx)
+            y = self.attention.attend(q, k, v, positions, ctx, x)
         for tap in _TAPS:
-            tap(self, q, k, v, y)
+            tap(self, q, k, v, y, x)
         return y
+
+    def init_cache(self, batch: int, length: int, dtype: jnp.dtype = jnp.float32
+                   ) -> dict[str, jax.Array]:
+        """An empty decoding cache of ``length`` positions: ``{"k", "v"}`` of shape
+        ``(batch, length, H, D)``, or the layout of the attention transform when it keeps
+        its own (a compressed cache)."""
+        if self.attention is not None and self.attention.spec.has_cache:
+            return self.attention.spec.init_cache(self.site(), batch, length, dtype)
+        shape = (batch, length, self.n_head, self.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def attend_cached(self, q: jax.Array, k: jax.Array, v: jax.Array, x: jax.Array,
+                      cache: dict[str, jax.Array], pos: jax.Array
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Decoding: ``q``, ``k``, ``v`` ``(B, T, H, D)`` and the input ``x`` ``(B, T, C)``
+        of the tokens at ``pos .. pos + T - 1``; they are written into ``cache`` and each
+        query attends to the cached positions up to its own. Returns the output and the
+        cache; the same numbers as :meth:`attend` on the whole sequence."""
+        if self.attention is not None and self.attention.spec.has_cache:
+            ctx = Context(not self.deterministic, jax.random.key(self.seed))
+            return self.attention.attend_cached(q, k, v, x, cache, pos, ctx)
+        start = (0, pos, 0, 0)
+        keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+        values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+        y = self.attend(q, keys, values, pos + jnp.arange(q.shape[1]))
+        return y, {"k": keys, "v": values}

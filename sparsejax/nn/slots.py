@@ -57,7 +57,8 @@ class TransformSlot(nnx.Module):
         def metrics_of(p, s, v):  # those of a training call, then those of an update
             ctx = Context(True, jax.random.key(0), jnp.zeros((), jnp.int32))
             if site.role == "attention":  # v: one token's (1, 1, heads, head_dim)
-                return spec.attend(v, v, v, jnp.zeros(1, jnp.int32), p, s, site, ctx)[2]
+                x = v.reshape(1, 1, -1)  # the module input: (1, 1, heads * head_dim)
+                return spec.attend(v, v, v, jnp.zeros(1, jnp.int32), p, s, site, ctx, x=x)[2]
             out = spec.apply(v, p, s, site, ctx)[2]
             return {**out, **(spec.update(site, View(v, p, s), v, ctx)[3]
                               if spec.has_update else {})}
@@ -98,12 +99,19 @@ class TransformSlot(nnx.Module):
         return y
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
-               ctx: Context) -> jax.Array:
+               ctx: Context, x: jax.Array | None = None) -> jax.Array:
         """``spec.attend`` (attention sites); records the new state and the metrics."""
         y, state, metrics = self.spec.attend(q, k, v, q_positions, _values(self.params),
-                                             _values(self.state), self.site, ctx)
+                                             _values(self.state), self.site, ctx, x=x)
         self._store(state, metrics)
         return y
+
+    def attend_cached(self, q: jax.Array, k: jax.Array, v: jax.Array, x: jax.Array,
+                      cache: dict[str, jax.Array], pos: jax.Array, ctx: Context
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``spec.attend_cached`` (decoding through the transform's own cache)."""
+        return self.spec.attend_cached(q, k, v, x, cache, pos, _values(self.params),
+                                       _values(self.state), self.site, ctx)
 
     def update(self, x: jax.Array, grad: jax.Array, ctx: Context
                ) -> tuple[jax.Array, jax.Array]:

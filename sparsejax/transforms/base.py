@@ -263,12 +263,35 @@ class Transform:
         raise NotImplementedError
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
-               params: State, state: State, site: Site, ctx: Context
-               ) -> tuple[jax.Array, State, Metrics]:
+               params: State, state: State, site: Site, ctx: Context,
+               x: jax.Array | None = None) -> tuple[jax.Array, State, Metrics]:
         """Attention sites (``role == "attention"``, shape ``(heads, head_dim)``): the
         output ``(B, T, H, D)`` of queries ``q`` ``(B, T, H, D)`` at ``q_positions``
         ``(T,)`` over keys and values ``(B, L, H, D)`` at positions ``0 .. L-1``, causal
-        (a query sees keys at or before its position), the new state and metrics."""
+        (a query sees keys at or before its position), the new state and metrics. ``x``
+        ``(B, L, C)``: the attention module's input (None where the caller has none)."""
+        raise NotImplementedError
+
+    @property
+    def has_cache(self) -> bool:
+        """Whether an attention method keeps its own decoding cache (:meth:`init_cache`,
+        :meth:`attend_cached`) instead of the plain ``{"k", "v"}`` one."""
+        return type(self).attend_cached is not Transform.attend_cached
+
+    def init_cache(self, site: Site, batch: int, length: int, dtype: Any
+                   ) -> dict[str, jax.Array]:
+        """The empty decoding cache of ``length`` positions (methods with
+        :attr:`has_cache`)."""
+        raise NotImplementedError
+
+    def attend_cached(self, q: jax.Array, k: jax.Array, v: jax.Array, x: jax.Array,
+                      cache: dict[str, jax.Array], pos: jax.Array, params: State,
+                      state: State, site: Site, ctx: Context
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Decoding through the method's cache: the tokens at ``pos .. pos + T - 1``
+        (``q``, ``k``, ``v`` ``(B, T, H, D)``, input ``x`` ``(B, T, C)``) are written into
+        it and attend to every cached position up to their own; returns the output and
+        the cache. Must equal :meth:`attend` on the whole sequence."""
         raise NotImplementedError
 
     @property

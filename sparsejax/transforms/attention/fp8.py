@@ -36,8 +36,8 @@ class FP8Attention(Transform):
             raise SpecError("fmt", f"fmt '{self.fmt}' is not one of {'|'.join(FP8_FORMATS)}")
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
-               params: State, state: State, site: Site, ctx: Context
-               ) -> tuple[jax.Array, State, Metrics]:
+               params: State, state: State, site: Site, ctx: Context,
+               x: jax.Array | None = None) -> tuple[jax.Array, State, Metrics]:
         def product(a: jax.Array, b: jax.Array) -> jax.Array:
             # a: q or p, one scale per query row; b: k^T or v, already rounded per token
             return jnp.matmul(fp8_ste(a, self.fmt, axis=-1), b)

@@ -267,8 +267,8 @@ class GainCell(Transform):
                 "output_saturation": self.output_saturation, "cell": self.cell}
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
-               params: State, state: State, site: Site, ctx: Context
-               ) -> tuple[jax.Array, State, Metrics]:
+               params: State, state: State, site: Site, ctx: Context,
+               x: jax.Array | None = None) -> tuple[jax.Array, State, Metrics]:
         out, metrics = gaincell_readout(q, k, v, q_positions, params, **self._settings())
         y = params["a_o"][:, None] * out + params["b_o"][:, None]
         return y.astype(q.dtype), state, metrics

@@ -38,8 +38,8 @@ class LMulAttention(Transform):
             raise SpecError("k_tile", f"k_tile must be at least 1, got {self.k_tile}")
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
-               params: State, state: State, site: Site, ctx: Context
-               ) -> tuple[jax.Array, State, Metrics]:
+               params: State, state: State, site: Site, ctx: Context,
+               x: jax.Array | None = None) -> tuple[jax.Array, State, Metrics]:
         def product(a: jax.Array, b: jax.Array) -> jax.Array:
             return straight_through(jnp.matmul(a, b),
                                     lmul_matmul(a, b, self.mantissa_bits, self.k_tile))
