@@ -1,13 +1,16 @@
-"""Adapting a trained softmax model to hardware attention: the statistics-matching
-initialisation of gain-cell attention (Leroux, Manea et al. 2025, "adaptation"), run by
-the trainer at the start of a run whose ``train.init_from`` is the softmax teacher.
+"""Adapting a trained softmax model to a new attention method at the start of a run whose
+``train.init_from`` is the trained (teacher) model: the statistics-matching
+initialisation of gain-cell attention (Leroux, Manea et al. 2025, "adaptation") and the
+ASVD initialisation of CSKV's low-rank key / value projections.
 
 1. The teacher (the ``init_from`` model as trained) runs on calibration batches; the
    per-head mean and standard deviation of each attention module's output are recorded.
 2. Layer by layer in call order, the student's queries, keys and values at that layer -
    with every earlier layer already calibrated - go to the layer's transform
-   (:meth:`~sparsejax.transforms.Transform.calibrate`), which sets its affines so that
-   its statistics match (``sparsejax.transforms.attention.gaincell``).
+   (:meth:`~sparsejax.transforms.Transform.calibrate`) with the teacher's statistics,
+   the mean ``|x|`` per channel of the module input and the module's key / value
+   projections; gain-cell attention sets its affines so that its statistics match,
+   CSKV its ASVD factors.
 
 Deviation: the reference code (``utils/llms_training_utils.py``, ``calibration_algorithm``)
 matches statistics by damped fixed-point iterations over all layers at once (up to 100
@@ -61,12 +64,12 @@ def uncalibrated_attention(model: nnx.Module) -> list[str]:
             and not bool(slot.state["calibrated"][...])]
 
 
-def _attention_calls(model: nnx.Module, x: jax.Array
-                     ) -> list[tuple[str, jax.Array, jax.Array, jax.Array, jax.Array]]:
+def _attention_calls(model: nnx.Module, x: jax.Array) -> list[tuple]:
+    """``(path, q, k, v, y, x)`` of every attention call of ``model(x)``, in call order."""
     paths = {id(layer): path for path, layer in named_layers(model, (Attention,))}
     calls: list = []
     with tap_attention(lambda layer, q, k, v, y, x: calls.append((paths[id(layer)], q, k, v,
-                                                                    y))):
+                                                                    y, x))):
         model(x)
     return calls
 
@@ -87,13 +90,13 @@ def call_order(model: nnx.Module, example: np.ndarray) -> list[str]:
 
 @functools.lru_cache(maxsize=64)
 def _tap_function(graphdef: nnx.GraphDef, wanted: str | None) -> Callable:
-    """The jitted ``(state, x) -> {path: (q, k, v, y)}`` of the attention calls (only
-    ``wanted`` when set), cached per model structure."""
+    """The jitted ``(state, ids) -> {path: (q, k, v, y, x)}`` of the attention calls
+    (only ``wanted`` when set), cached per model structure."""
 
     @jax.jit
-    def taps(state, x):
-        return {path: (q, k, v, y) for path, q, k, v, y in
-                _attention_calls(nnx.merge(graphdef, state), x)
+    def taps(state, ids):
+        return {path: (q, k, v, y, x) for path, q, k, v, y, x in
+                _attention_calls(nnx.merge(graphdef, state), ids)
                 if wanted is None or path == wanted}
 
     return taps
@@ -101,8 +104,9 @@ def _tap_function(graphdef: nnx.GraphDef, wanted: str | None) -> Callable:
 
 def attention_outputs(model: nnx.Module, batches: Sequence[np.ndarray],
                       path: str | None = None) -> dict[str, tuple[jax.Array, ...]]:
-    """``{path: (q, k, v, y)}``, each ``(N, T, H, D)`` over the ``batches`` concatenated,
-    of every attention module (or only ``path``) of ``model`` in inference form."""
+    """``{path: (q, k, v, y, x)}`` over the ``batches`` concatenated - ``q, k, v, y``
+    ``(N, T, H, D)`` and the module input ``x`` ``(N, T, C)`` - of every attention module
+    (or only ``path``) of ``model`` in inference form."""
     model.eval()
     graphdef, state = nnx.split(model)
     taps = _tap_function(graphdef, path)
@@ -136,21 +140,25 @@ def calibrate_attention(model: nnx.Module, teacher: nnx.Module,
     if missing:
         raise ValueError(f"the teacher has no attention module at {missing[0]}")
     slots = {path: slot for path, _, _, slot in transform_slots(model) if path in wanted}
+    layers = dict(named_layers(model, (Attention,)))
     order = [path for path in call_order(model, batches[0]) if path in wanted]
     positions = jnp.arange(np.asarray(batches[0]).shape[-1])
     reports = []
     for path in order:
-        q, k, v, _ = attention_outputs(model, batches, path)[path]
+        q, k, v, _, x = attention_outputs(model, batches, path)[path]
         slot = slots[path]
         mean, std = (jnp.asarray(t) for t in targets[path])
         new = slot.spec.calibrate(slot.site, slot.view(None),
                                   {"q": q, "k": k, "v": v, "positions": positions,
-                                   "target_mean": mean, "target_std": std})
+                                   "target_mean": mean, "target_std": std,
+                                   "x_abs_mean": jnp.mean(jnp.abs(x.astype(jnp.float32)),
+                                                          axis=(0, 1)),
+                                   "kv_projection": layers[path].kv_projection()})
         for name, value in new.params.items():
             slot.params[name][...] = value
         for name, value in new.state.items():
             slot.state[name][...] = value
-        got = head_statistics(attention_outputs(model, batches, path)[path][3])
+        got = head_statistics(attention_outputs(model, batches, path)[path][3])  # y
         reports.append(AttentionReport(path, np.asarray(mean), np.asarray(std),
                                        *(np.asarray(s) for s in got)))
         if progress:

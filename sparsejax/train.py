@@ -563,8 +563,8 @@ def _calibrate_from_teacher(cfg: Config, model: nnx.Module, verbose: bool) -> No
     if verbose:
         worst = max(r.max_rel_error for r in reports)
         print(f"calibrated {len(reports)} attention modules against {cfg.train.init_from} "
-              f"on {count} batches in {time.perf_counter() - start:.1f} s (output "
-              f"statistics within {worst:.1e} of the teacher's std)")
+              f"on {count} batches in {time.perf_counter() - start:.1f} s (per-head output "
+              f"mean and std within {worst:.1e} of the teacher's std)")
 
 
 def _initial_state(cfg: Config, model: nnx.Module, mesh: Mesh):
