@@ -93,8 +93,8 @@ def main() -> None:
 
     lines = ["# Signed cuts vs round-to-nearest vs truncated SVD at equal storage", "",
              f"Command: `python experiments/signed_cuts.py --bits "
-             f"{' '.join(f'{b:g}' for b in args.bits)}`" + (
-                 f" --source {args.source}" if args.source else ""), "",
+             f"{' '.join(f'{b:g}' for b in args.bits)}"
+             f"{f' --source {args.source}' if args.source else ''}`", "",
              f"Source: `{source.relative_to(REPO) if source.is_relative_to(REPO) else source}`"
              f" ({json.loads((source / 'results.json').read_text())['steps']} steps), "
              f"uncompressed val loss {dense:.4f}; layers `{args.layers}` (weights only; "
