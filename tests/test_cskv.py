@@ -156,3 +156,15 @@ def test_training_calibrates_then_changes_only_the_projections(tiny_gpt, tmp_pat
                                                                     (8, 32), 0, 255))])
     assert not np.allclose(np.asarray(slot.params["a_k"][...]),
                            np.asarray(fresh.blocks[0].attn.attention.params["a_k"][...]))
+
+
+def test_the_cskv_config_builds_and_lists_its_attention_modules():
+    from tests.conftest import REPO
+
+    from sparsejax.config import load_config
+
+    cfg = load_config(REPO / "configs/gpt_cskv.yaml", ["model.n_layer=1"])
+    model = init_model(cfg)
+    slot = model.blocks[0].attn.attention
+    assert slot.spec.method == "cskv" and slot.params["a_k"][...].shape == (128, 32)
+    assert slot.params["a_v"][...].shape == (128, 96)
