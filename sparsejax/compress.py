@@ -19,9 +19,7 @@ factors themselves are not kept (simulation of the storage format).
 from __future__ import annotations
 
 import copy
-import json
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sparsejax.config import ConfigError, RuleConfig, to_yaml
+from sparsejax.config import ConfigError, RuleConfig
 from sparsejax.nn import Linear, named_layers
 from sparsejax.numerics.signed_cuts import signed_cut_width, signed_cuts
 from sparsejax.quant import absmax_ste
@@ -95,7 +93,7 @@ def compress_run(run_dir: str | Path, out: str | Path, *, method: str, bits: flo
     layer the bits stored and the relative Frobenius error. Raises :class:`ConfigError`
     (one line, nothing written) for a bad method, budget or regex, a run without
     checkpoints or an existing ``out``."""
-    from sparsejax.posttrain import save_step_zero
+    from sparsejax.posttrain import write_step_zero_run
     from sparsejax.train import evaluate_model, load_model, resolve_checkpoint
 
     out = Path(out)
@@ -141,16 +139,7 @@ def compress_run(run_dir: str | Path, out: str | Path, *, method: str, bits: flo
     # claims exactly them (first match wins), the source's rules keep the others
     first = RuleConfig(path="(" + "|".join(re.escape(p) for p, _ in targets) + ")")
     new_cfg.rules = [first, *(r for r in cfg.rules if _still_matches(model, first, r))]
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_step_zero(new_cfg, model, partial)
-    (partial / "config.yaml").write_text(to_yaml(new_cfg))
-    (partial / "compress.json").write_text(json.dumps(report, indent=2) + "\n")
-    (partial / "results.json").write_text(json.dumps(
-        {"run_dir": str(out), "steps": 0, **{f"val_{k}": v for k, v in after.items()},
-         **{f"val_{k}_before_compression": v for k, v in before.items()}}, indent=2) + "\n")
-    partial.rename(out)
+    write_step_zero_run(out, new_cfg, model, "compress.json", report, "compression")
     if progress:
         progress(f"val loss {before['loss']:.4f} -> {after['loss']:.4f} at "
                  f"{stored / total:.3f} bits per weight; written {out}")

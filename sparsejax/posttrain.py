@@ -48,7 +48,7 @@ from sparsejax.transforms import build_spec, methods
 from sparsejax.transforms.prune import PruneError, PruneResult, weighted_error
 
 __all__ = ["LayerReport", "PruneError", "PruneResult", "calibration_batches", "call_order",
-           "save_step_zero",
+           "save_step_zero", "write_step_zero_run",
            "input_grams", "parse_nm", "prune_layer", "prune_model", "prune_run"]
 
 # Config keys of the prune rule -> the command's flags, for error messages.
@@ -336,15 +336,27 @@ def prune_run(run_dir: str | Path, out: str | Path, *, method: str,
               "sequential": sequential, "prune_seconds": seconds,
               "density": kept / size, "before": before, "after": after,
               "per_layer": [asdict(r) for r in reports]}
+    write_step_zero_run(out, new_cfg, model, "prune.json", report, "pruning")
+    return report
+
+
+def write_step_zero_run(out: Path, cfg: Any, model: nnx.Module, report_name: str,
+                        report: dict[str, Any], what: str) -> None:
+    """Write ``model`` as the run directory ``out``: the step-0 checkpoint, ``cfg`` as
+    ``config.yaml``, ``report`` as ``report_name`` and ``results.json`` with the
+    validation metrics ``report["after"]`` (and ``report["before"]`` as
+    ``val_<metric>_before_<what>``). Written to ``.<out>.partial`` first, then renamed, so
+    an interrupted write leaves no half run at ``out``."""
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    save_step_zero(new_cfg, model, partial)
-    (partial / "config.yaml").write_text(to_yaml(new_cfg))
-    (partial / "prune.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_step_zero(cfg, model, partial)
+    (partial / "config.yaml").write_text(to_yaml(cfg))
+    (partial / report_name).write_text(json.dumps(report, indent=2) + "\n")
     (partial / "results.json").write_text(json.dumps(
-        {"run_dir": str(out), "steps": 0, **{f"val_{k}": v for k, v in after.items()},
-         **{f"val_{k}_before_pruning": v for k, v in before.items()}}, indent=2) + "\n")
+        {"run_dir": str(out), "steps": 0,
+         **{f"val_{k}": v for k, v in report["after"].items()},
+         **{f"val_{k}_before_{what}": v for k, v in report["before"].items()}},
+        indent=2) + "\n")
     partial.rename(out)
-    return report
 

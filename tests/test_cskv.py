@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sparsejax.adapt import calibrate_attention, uncalibrated_attention
-from sparsejax.config import ConfigError
+from sparsejax.config import ConfigError, load_config
 from sparsejax.train import init_model, load_model, run
 from sparsejax.transforms import Context, Site, build_spec
 from sparsejax.transforms.attention.cskv import (
@@ -19,6 +19,8 @@ from sparsejax.transforms.attention.cskv import (
     quantize_per_channel_groups,
     quantize_per_token,
 )
+from tests.conftest import REPO
+from tests.helpers.decoding import cached_logits
 
 
 def cskv_rule(**fields) -> str:
@@ -106,13 +108,7 @@ def test_cached_decoding_equals_teacher_forced_bibranch_evaluation(tiny_gpt, bit
     model.eval()
     ids = jax.random.randint(jax.random.key(1), (2, 30), 0, 255)
     full = model(ids)
-    cache = model.init_cache(2)
-    logits, cache = model.forward_cached(ids[:, :11], cache, jnp.int32(0))
-    steps = [logits]
-    for t in range(11, 30):
-        logits, cache = model.forward_cached(ids[:, t:t + 1], cache, jnp.int32(t))
-        steps.append(logits)
-    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)), np.asarray(full),
+    np.testing.assert_allclose(np.asarray(cached_logits(model, ids, 11)), np.asarray(full),
                                atol=1e-5)
     # compressed vs exact: the windowless plain model differs
     plain = init_model(tiny_gpt())
@@ -159,10 +155,6 @@ def test_training_calibrates_then_changes_only_the_projections(tiny_gpt, tmp_pat
 
 
 def test_the_cskv_config_builds_and_lists_its_attention_modules():
-    from tests.conftest import REPO
-
-    from sparsejax.config import load_config
-
     cfg = load_config(REPO / "configs/gpt_cskv.yaml", ["model.n_layer=1"])
     model = init_model(cfg)
     slot = model.blocks[0].attn.attention

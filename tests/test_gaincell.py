@@ -30,6 +30,7 @@ from sparsejax.transforms.attention.gaincell import (
     quantize_levels,
 )
 from tests.conftest import REPO
+from tests.helpers.decoding import cached_logits
 
 ATTN_RULE = "rules=[{path: 'blocks/\\d+/attn', attention: {window: 8, array: 8, " \
             "calib_batches: 2}}]"
@@ -220,15 +221,8 @@ def test_cached_decoding_equals_the_full_forward(tiny_gpt):
     model = init_model(tiny_gpt(ATTN_RULE.replace("window: 8", "window: 5")))
     model.eval()
     ids = jax.random.randint(jax.random.key(1), (2, 20), 0, 255)
-    full = model(ids)
-    cache = model.init_cache(2)
-    prefix, cache = model.forward_cached(ids[:, :7], cache, jnp.int32(0))
-    steps = [prefix]
-    for t in range(7, 20):
-        logits, cache = model.forward_cached(ids[:, t:t + 1], cache, jnp.int32(t))
-        steps.append(logits)
-    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)), np.asarray(full),
-                               atol=2e-5)
+    np.testing.assert_allclose(np.asarray(cached_logits(model, ids, 7)),
+                               np.asarray(model(ids)), atol=2e-5)
 
 
 def test_calibration_matches_the_teachers_output_statistics(tiny_gpt):

@@ -14,6 +14,7 @@ from sparsejax.numerics import lmul
 from sparsejax.quant import fp8
 from sparsejax.train import init_model
 from sparsejax.transforms import Context, Site, build_spec
+from tests.helpers.decoding import cached_logits
 
 
 def qkv(seed=0, b=2, t=12, h=2, d=8):
@@ -98,15 +99,8 @@ def test_lmul_attention_gpt_decodes_through_its_cache_like_the_full_forward(tiny
                                 "{method: lmul, mantissa_bits: 3}}]"))
     model.eval()
     ids = jax.random.randint(jax.random.key(1), (1, 10), 0, 255)
-    full = model(ids)
-    cache = model.init_cache(1)
-    logits, cache = model.forward_cached(ids[:, :4], cache, jnp.int32(0))
-    steps = [logits]
-    for t in range(4, 10):
-        logits, cache = model.forward_cached(ids[:, t:t + 1], cache, jnp.int32(t))
-        steps.append(logits)
-    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)), np.asarray(full),
-                               atol=2e-5)
+    np.testing.assert_allclose(np.asarray(cached_logits(model, ids, 4)),
+                               np.asarray(model(ids)), atol=2e-5)
 
 
 def test_lmul_linear_multiplies_by_lmul_with_the_exact_gradient(tiny_gpt):
