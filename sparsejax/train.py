@@ -533,6 +533,12 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
                           "the masks), or prune this one first")
     if not has_checkpoint and cfg.train.init_from:
         _calibrate_from_teacher(cfg, model, verbose)
+    needy = [(path, slot.spec) for path, _, _, slot in transform_slots(model)
+             if slot.spec.requires_init_from]
+    if needy and not has_checkpoint and not cfg.train.init_from:
+        path, spec = needy[0]
+        raise ConfigError(f"{spec.kind} method '{spec.method}' on {path} starts from a trained "
+                          "model: set train.init_from to its run directory")
     mesh = make_mesh(cfg.mesh)
     check_transform_sharding(model, mesh)
     with jax.set_mesh(mesh):  # models pin their activations to this mesh (shard_batch)
@@ -543,9 +549,10 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
 
 
 def _calibrate_from_teacher(cfg: Config, model: nnx.Module, verbose: bool) -> None:
-    """Calibrate, in place, the transforms that adapt to a teacher (gain-cell attention,
-    ``sparsejax.adapt``) against the ``train.init_from`` model, on the first training
-    batches of the run (``calib_batches`` of the transform, the largest asked)."""
+    """Calibrate, in place, the attention transforms that start from a trained model
+    (gain-cell attention's affines, CSKV's ASVD factors; ``sparsejax.adapt``) against the
+    ``train.init_from`` model, on the first training batches of the run
+    (``calib_batches`` of the transform, the largest asked)."""
     from sparsejax.adapt import calibrate_attention, uncalibrated_attention
     from sparsejax.posttrain import calibration_batches
 

@@ -130,9 +130,11 @@ def test_cache_bytes_are_counted_from_the_arrays(tiny_gpt):
     assert sum(a.nbytes for a in full.values()) / 3 / 32 == 256
 
 
-def test_a_group_longer_than_the_window_is_refused(tiny_gpt):
+def test_a_group_longer_than_the_window_or_a_run_without_init_from_is_refused(tiny_gpt):
     with pytest.raises(ConfigError, match=r"rules\.0\.attention\.group"):
         tiny_gpt(cskv_rule(quant_bits=4, group=16))
+    with pytest.raises(ConfigError, match="cskv.*blocks/0/attn.*train.init_from"):
+        run(tiny_gpt(cskv_rule()), verbose=False)
 
 
 @pytest.mark.slow

@@ -208,6 +208,9 @@ class Transform:
     # training pruning) that nothing recomputes: ``train.init_from`` carries them over
     # from the same method at the same layer of the source run.
     calibrated: ClassVar[bool] = False
+    # Whether a run must start from ``train.init_from`` (its calibration needs a trained
+    # model, e.g. CSKV's factors of the trained key / value projections).
+    requires_init_from: ClassVar[bool] = False
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))

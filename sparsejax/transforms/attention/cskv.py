@@ -184,6 +184,7 @@ class CSKV(Transform):
     roles = ("attention",)
     loss_terms = ("reconstruction",)
     calibrated = True  # A, B from ASVD: train.init_from carries them from a CSKV run
+    requires_init_from = True  # ASVD factorises the trained projections
 
     def check(self) -> None:
         for name in ("k_density", "v_density"):
