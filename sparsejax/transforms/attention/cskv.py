@@ -199,9 +199,9 @@ class CSKV(Transform):
             raise SpecError("group", f"group must be in [1, window={self.window}] (a key "
                             f"is read compressed only once its group is complete), got "
                             f"{self.group}")
-        if self.calib_batches < 0 or self.alpha < 0 or self.recon_weight < 0:
-            raise SpecError("calib_batches", "calib_batches, alpha and recon_weight must "
-                            "be >= 0")
+        for name in ("calib_batches", "alpha", "recon_weight"):
+            if getattr(self, name) < 0:
+                raise SpecError(name, f"{name} must be >= 0, got {getattr(self, name)}")
 
     def ranks(self, site: Site) -> tuple[int, int]:
         width = site.shape[0] * site.shape[1]
