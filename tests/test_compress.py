@@ -44,6 +44,7 @@ def test_each_method_stays_within_its_budget_and_more_bits_lower_the_error():
     assert max(len(u) for u in per_column) <= 3  # 2-bit symmetric: -1, 0, 1 times a scale
 
 
+@pytest.mark.slow
 def test_compressed_run_reloads_with_the_reported_loss(trained, tmp_path):
     out = tmp_path / "cuts"
     report = compress_run(trained, out, method="signed_cuts", bits=1.0, progress=None)
@@ -61,6 +62,7 @@ def test_compressed_run_reloads_with_the_reported_loss(trained, tmp_path):
     assert model.blocks[0].mlp.fc.sparsity is None  # the STE rule is folded and gone
 
 
+@pytest.mark.slow
 def test_bad_input_is_refused_in_one_line_and_writes_nothing(trained, tmp_path):
     for kwargs, match in [({"method": "foo", "bits": 1.0}, "--method 'foo'"),
                           ({"method": "svd", "bits": 0.0}, "--bits must be > 0"),

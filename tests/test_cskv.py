@@ -101,7 +101,7 @@ def test_bibranch_equals_plain_attention_at_full_rank_without_quantisation(tiny_
     np.testing.assert_array_equal(np.asarray(slot.state["bias_k"][...]), np.asarray(b_k))
 
 
-@pytest.mark.parametrize("bits", [0, 4])
+@pytest.mark.parametrize("bits", [pytest.param(0, marks=pytest.mark.slow), 4])
 def test_cached_decoding_equals_teacher_forced_bibranch_evaluation(tiny_gpt, bits):
     model = init_model(tiny_gpt(cskv_rule(quant_bits=bits, group=4, k_density=0.5,
                                           v_density=0.5)))

@@ -201,6 +201,7 @@ def test_a_bad_field_or_path_is_refused_naming_it(tiny_gpt):
         init_model(tiny_gpt("rules=[{path: 'blocks/\\d+/atn', attention: {}}]"))
 
 
+@pytest.mark.slow
 def test_gradients_through_a_gaincell_gpt_are_finite_and_reach_the_affines(tiny_gpt):
     model = init_model(tiny_gpt(ATTN_RULE))
     x = jax.random.randint(jax.random.key(0), (2, 32), 0, 255)

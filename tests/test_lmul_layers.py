@@ -76,7 +76,7 @@ def test_fp8_attention_rounds_each_product_operand_per_token_through_the_format(
                                                     np.asarray(v), np.matmul), atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["lmul", "fp8"])
+@pytest.mark.parametrize("method", [pytest.param("lmul", marks=pytest.mark.slow), "fp8"])
 def test_gradients_are_straight_through_and_outputs_causal(method):
     q, k, v = qkv(2)
 
@@ -94,6 +94,7 @@ def test_gradients_are_straight_through_and_outputs_causal(method):
     np.testing.assert_array_equal(np.asarray(out)[:, :7], np.asarray(out2)[:, :7])
 
 
+@pytest.mark.slow
 def test_lmul_attention_gpt_decodes_through_its_cache_like_the_full_forward(tiny_gpt):
     model = init_model(tiny_gpt("rules=[{path: 'blocks/\\d+/attn', attention: "
                                 "{method: lmul, mantissa_bits: 3}}]"))
