@@ -117,7 +117,8 @@ def main() -> None:
         if "train.init_from" in " ".join(overrides):
             start = step0_loss(overrides)
         results = train_run(runs, slug, overrides)
-        offset = args.teacher_steps if start is not None else 0
+        offset = 0 if start is None else args.teacher_steps + (
+            args.finetune_steps if slug == "nonlinear" else 0)  # it continues "calibrated"
         curves[arm] = [(s + offset, v) for s, v in scalars(runs / slug, "val/loss")]
         if start is not None:
             curves[arm].insert(0, (offset, start))
@@ -135,7 +136,7 @@ def main() -> None:
         if points:
             ax.plot(*zip(*points, strict=True), label=arm,
                     **({"color": "black", "ls": "--"} if arm == "softmax teacher" else {}))
-    ax.set_xlabel("training steps (fine-tuning arms start after the teacher's)")
+    ax.set_xlabel("training steps (fine-tuning arms start where their source ended)")
     ax.set_ylabel("val loss (nats / char)")
     ax.set_ylim(top=min(3.5, ax.get_ylim()[1]))
     save_figure(fig, out / "curves.png", fontsize=8)
