@@ -91,8 +91,9 @@ def compress_run(run_dir: str | Path, out: str | Path, *, method: str, bits: flo
     ``bits`` per weight and write the result as the run directory ``out``; returns the
     report (also ``out/compress.json``): validation metrics before and after, and per
     layer the bits stored and the relative Frobenius error. Raises :class:`ConfigError`
-    (one line, nothing written) for a bad method, budget or regex, a run without
-    checkpoints or an existing ``out``."""
+    (one line, nothing written) for a bad method, budget or regex, a matched layer with
+    an input-quantisation or analog transform, a run without checkpoints or an existing
+    ``out``."""
     from sparsejax.posttrain import write_step_zero_run
     from sparsejax.train import evaluate_model, load_model, resolve_checkpoint
 
@@ -114,6 +115,11 @@ def compress_run(run_dir: str | Path, out: str | Path, *, method: str, bits: flo
     if not targets:
         paths = ", ".join(p for p, _ in named_layers(model, (Linear,)))
         raise ConfigError(f"--layers '{layers}' matches no linear layer; they are: {paths}")
+    for path, layer in targets:  # only weight sparsity / quantisation fold into a kernel
+        if layer.act_quant is not None or layer.analog is not None:
+            raise ConfigError(f"layer {path} has an input-quantisation or analog transform, "
+                              "which compression cannot fold into its weights; leave it out "
+                              "with --layers")
     before = evaluate_model(model, cfg)
     per_layer, stored, total = [], 0.0, 0
     for path, layer in targets:
