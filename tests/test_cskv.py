@@ -160,5 +160,5 @@ def test_the_cskv_config_builds_and_lists_its_attention_modules():
     cfg = load_config(REPO / "configs/gpt_cskv.yaml", ["model.n_layer=1"])
     model = init_model(cfg)
     slot = model.blocks[0].attn.attention
-    assert slot.spec.method == "cskv" and slot.params["a_k"][...].shape == (128, 32)
-    assert slot.params["a_v"][...].shape == (128, 96)
+    assert slot.spec.method == "cskv" and slot.params["a_k"][...].shape == (128, 64)
+    assert slot.params["a_v"][...].shape == (128, 64)
