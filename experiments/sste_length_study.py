@@ -220,25 +220,54 @@ def report(out: Path, rows: list[dict]) -> None:
                          f"{stats['sste'][0]:.4f} | {stats['sste'][0] - stats['ste'][0]:+.4f} |")
     lengths = sorted({r["steps"] for r in rows if r["label"] == "authors'"})
     if len(lengths) > 1:
+        def val(method: str, seed: int, steps: int) -> float | None:
+            stat = _mean(rows, label="authors'", method=method, seed=seed, steps=steps)
+            return None if stat is None else stat[0]
+
+        seeds = sorted({r["seed"] for r in rows if r["label"] == "authors'"
+                        and r["steps"] == max(lengths)}, key=lambda x: x != SEED)
         lines += ["", "## Training length (authors' setting, cosine stretched per length)", "",
-                  "| steps | method | val loss | gap to dense | seeds |", "|---|---|---|---|---|"]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method in ("ste", "sste", "sste+mvue", "sr_ste"):
+                  "Seed-matched: the gap to dense at seed 1337, and S-STE - STE per seed "
+                  "(the same seeds at every length).", "",
+                  "| steps | method | " + " | ".join(f"seed {x}" for x in seeds)
+                  + " | gap to dense (seed 1337) |",
+                  "|---|---|" + "---|" * len(seeds) + "---|"]
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+        for method in ("dense", "ste", "sste", "sste+mvue"):
             xs, ys = [], []
             for steps in lengths:
-                stat = _mean(rows, label="authors'", method=method, steps=steps)
-                base = _mean(rows, label="authors'", method="dense", steps=steps)
-                if stat is None or base is None:
+                values = [val(method, x, steps) for x in seeds]
+                if all(v is None for v in values):
                     continue
-                xs.append(steps)
-                ys.append(stat[0] - base[0])
-                lines.append(f"| {steps} | {method} | {stat[0]:.4f} | {ys[-1]:+.4f} | "
-                             f"{stat[2]} |")
+                base = val("dense", SEED, steps)
+                gap = (values[0] - base) if values[0] is not None and base else None
+                if gap is not None and method != "dense":
+                    xs.append(steps)
+                    ys.append(gap)
+                lines.append(f"| {steps} | {method} | " + " | ".join(_fmt(v) for v in values)
+                             + f" | {'-' if gap is None else f'{gap:+.4f}'} |")
             if xs:
                 ax.plot(xs, ys, "o-", label=method)
+        lines += ["", "| steps | " + " | ".join(f"S-STE - STE, seed {x}" for x in seeds)
+                  + " |", "|---|" + "---|" * len(seeds)]
+        for x in seeds:
+            diffs = [(steps, val("sste", x, steps) - val("ste", x, steps)) for steps in lengths
+                     if val("sste", x, steps) is not None and val("ste", x, steps) is not None]
+            if diffs:
+                bx.plot(*zip(*diffs, strict=True), "o-", label=f"seed {x}")
+        for steps in lengths:
+            cells = []
+            for x in seeds:
+                a, b = val("sste", x, steps), val("ste", x, steps)
+                cells.append("-" if a is None or b is None else f"{a - b:+.4f}")
+            lines.append(f"| {steps} | " + " | ".join(cells) + " |")
         ax.set_xlabel("training steps")
-        ax.set_ylabel("val loss - dense (nats / char)")
+        ax.set_ylabel("val loss - dense (nats / char), seed 1337")
         ax.set_title("gap to dense, 2:4 FFN")
+        bx.axhline(0.0, color="black", lw=0.8)
+        bx.set_xlabel("training steps")
+        bx.set_ylabel("S-STE - STE (nats / char)")
+        bx.set_title("S-STE's lead (below 0: S-STE ahead)")
         save_figure(fig, out / "gap_vs_length.png", fontsize=8)
     lines.append("")
     (out / "results.md").write_text("\n".join(lines))
