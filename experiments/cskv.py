@@ -36,15 +36,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sparsejax.adapt import calibrate_attention
 from sparsejax.config import load_config
-from sparsejax.posttrain import calibration_batches
 from sparsejax.train import (
-    carry_calibrated_state,
+    calibrate_from_teacher,
     evaluate_model,
     init_model,
-    load_model,
-    load_params_into,
+    init_model_with_source,
     run,
 )
 from sparsejax.transforms.attention.cskv import cache_bytes_per_old_token
@@ -70,9 +67,8 @@ def evaluate_arm(overrides: list[str], init_from: Path) -> tuple[float, float]:
     """(val loss, compressed bytes per old token / full bytes) of a CSKV model built from
     ``init_from`` and calibrated as a run would be (no training)."""
     cfg = load_config(CONFIG, [*overrides, f"train.init_from={init_from}"])
-    model = init_model(cfg)
-    teacher, _, _ = load_model(init_from)
-    calibrate_attention(model, teacher, calibration_batches(cfg, 8))
+    model, teacher = init_model_with_source(cfg)
+    calibrate_from_teacher(cfg, model, teacher)
     return evaluate_model(model, cfg)["loss"], byte_ratio(model, cfg.model.block_size)
 
 
@@ -141,11 +137,10 @@ def main() -> None:
             extra = dict(fields, window=window)
             if window == 1 and "group" in extra:
                 extra["group"] = 1
-            cfg = load_config(CONFIG, [*common, cskv_rule(**extra)])
-            model = init_model(cfg)  # the trained projections, at this window
-            trained, _, _ = load_model(trained_dir)
-            load_params_into(model, trained, str(trained_dir))
-            carry_calibrated_state(model, trained)
+            # init_from the trained run: its weights and (same method) projections
+            cfg = load_config(CONFIG, [*common, cskv_rule(**extra),
+                                       f"train.init_from={trained_dir}"])
+            model = init_model(cfg)
             loss = evaluate_model(model, cfg)["loss"]
             ratio = byte_ratio(model, 256)
             rows.append({"setting": setting, "arm": arm, "val_loss": loss,

@@ -38,10 +38,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sparsejax.adapt import calibrate_attention  # noqa: E402
 from sparsejax.config import load_config  # noqa: E402
-from sparsejax.posttrain import calibration_batches  # noqa: E402
-from sparsejax.train import evaluate_model, init_model, load_model, run  # noqa: E402
+from sparsejax.train import (  # noqa: E402
+    calibrate_from_teacher,
+    evaluate_model,
+    init_model_with_source,
+    run,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_figure, scalars, time_variants, write_csv  # noqa: E402
@@ -70,9 +73,8 @@ def step0_loss(overrides: list[str]) -> float:
     """Validation loss of a fine-tuning arm before its first step (calibrated as ``run``
     would, when the arm asks for it)."""
     cfg = load_config(CONFIG, overrides)
-    model = init_model(cfg)
-    teacher, _, _ = load_model(cfg.train.init_from)
-    calibrate_attention(model, teacher, calibration_batches(cfg, 8))
+    model, teacher = init_model_with_source(cfg)
+    calibrate_from_teacher(cfg, model, teacher)
     return evaluate_model(model, cfg)["loss"]
 
 

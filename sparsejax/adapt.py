@@ -30,9 +30,10 @@ import numpy as np
 from flax import nnx
 
 from sparsejax.nn import Attention, named_layers, tap_attention, transform_slots
+from sparsejax.posttrain import call_order
 from sparsejax.transforms.attention.gaincell import head_statistics
 
-__all__ = ["AttentionReport", "attention_outputs", "calibrate_attention", "call_order",
+__all__ = ["AttentionReport", "attention_outputs", "calibrate_attention",
            "output_statistics", "uncalibrated_attention"]
 
 
@@ -72,20 +73,6 @@ def _attention_calls(model: nnx.Module, x: jax.Array) -> list[tuple]:
                                                                     y, x))):
         model(x)
     return calls
-
-
-def call_order(model: nnx.Module, example: np.ndarray) -> list[str]:
-    """The attention module paths in the order ``model``'s forward calls them (traced
-    once, abstractly)."""
-    graphdef, state = nnx.split(model)
-    order: list[str] = []
-
-    def trace(state, x):
-        order[:] = [call[0] for call in _attention_calls(nnx.merge(graphdef, state), x)]
-        return 0
-
-    jax.eval_shape(trace, state, jnp.asarray(example))
-    return list(dict.fromkeys(order))
 
 
 @functools.lru_cache(maxsize=64)
@@ -141,7 +128,8 @@ def calibrate_attention(model: nnx.Module, teacher: nnx.Module,
         raise ValueError(f"the teacher has no attention module at {missing[0]}")
     slots = {path: slot for path, _, _, slot in transform_slots(model) if path in wanted}
     layers = dict(named_layers(model, (Attention,)))
-    order = [path for path in call_order(model, batches[0]) if path in wanted]
+    order = [path for path in call_order(model, batches[0], _attention_calls)
+             if path in wanted]
     positions = jnp.arange(np.asarray(batches[0]).shape[-1])
     reports = []
     for path in order:

@@ -102,17 +102,21 @@ def _calls(model: nnx.Module, x: jax.Array) -> list[tuple[str, jax.Array]]:
     return calls
 
 
-def call_order(model: nnx.Module, example: np.ndarray) -> list[str]:
-    """The Linear layer paths in the order ``model``'s forward calls them (traced once,
-    abstractly)."""
+def call_order(model: nnx.Module, example: np.ndarray,
+               calls: Callable[[nnx.Module, jax.Array], list[tuple]] | None = None
+               ) -> list[str]:
+    """The layer paths in the order ``model``'s forward calls them (traced once,
+    abstractly): the Linear layers, or those ``calls(model, x)`` reports as
+    ``[(path, ...), ...]`` (``sparsejax.adapt``: the attention modules)."""
+    calls = calls or _calls
     graphdef, state = nnx.split(model)
     order: list[str] = []
 
     def trace(state, x):
-        order[:] = [p for p, _ in _calls(nnx.merge(graphdef, state), x)]
+        order[:] = [call[0] for call in calls(nnx.merge(graphdef, state), x)]
         return 0
 
-    jax.eval_shape(trace, state, example)
+    jax.eval_shape(trace, state, jnp.asarray(example))
     return list(dict.fromkeys(order))
 
 

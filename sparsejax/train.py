@@ -377,6 +377,13 @@ def init_model(cfg: Config, load_init: bool = True) -> nnx.Module:
     post-training pruning are carried over from the source, :func:`carry_calibrated_state`).
     Raises :class:`ConfigError` when a rule cannot apply or the init checkpoint does not
     fit."""
+    return init_model_with_source(cfg, load_init)[0]
+
+
+def init_model_with_source(cfg: Config, load_init: bool = True
+                           ) -> tuple[nnx.Module, nnx.Module | None]:
+    """:func:`init_model` and the ``train.init_from`` model it loaded (None when there is
+    none): the teacher :func:`calibrate_from_teacher` calibrates against, restored once."""
     model = build_model(cfg, nnx.Rngs(params=cfg.train.seed))
     source = None
     if cfg.train.init_from and load_init:
@@ -392,7 +399,7 @@ def init_model(cfg: Config, load_init: bool = True) -> nnx.Module:
         raise ConfigError(str(err)) from None
     if source is not None:  # masks of post-training pruning: set up above, then carried
         carry_calibrated_state(model, source)
-    return model
+    return model, source
 
 
 def load_model(run_dir: str | Path, step: int | None = None) -> tuple[nnx.Module, Config, int]:
@@ -525,14 +532,14 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
     has_checkpoint = resuming and checkpoints.is_dir() and any(
         p.name.isdigit() for p in checkpoints.iterdir())
     with _out_of_memory_in_one_line(cfg, "building the model"):
-        model = init_model(cfg, load_init=not has_checkpoint)
+        model, source = init_model_with_source(cfg, load_init=not has_checkpoint)
     unpruned = [] if has_checkpoint else uncalibrated_layers(model)
     if unpruned:
         raise ConfigError(f"a prune rule matches {unpruned[0]}, which was never pruned: set "
                           "train.init_from to a run written by `sparsejax prune` (it carries "
                           "the masks), or prune this one first")
-    if not has_checkpoint and cfg.train.init_from:
-        _calibrate_from_teacher(cfg, model, verbose)
+    if source is not None:
+        calibrate_from_teacher(cfg, model, source, verbose)
     needy = [(path, slot.spec) for path, _, _, slot in transform_slots(model)
              if slot.spec.requires_init_from]
     if needy and not has_checkpoint and not cfg.train.init_from:
@@ -548,11 +555,13 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
                                   step_bytes)
 
 
-def _calibrate_from_teacher(cfg: Config, model: nnx.Module, verbose: bool) -> None:
+def calibrate_from_teacher(cfg: Config, model: nnx.Module, teacher: nnx.Module,
+                           verbose: bool = False) -> None:
     """Calibrate, in place, the attention transforms that start from a trained model
-    (gain-cell attention's affines, CSKV's ASVD factors; ``sparsejax.adapt``) against the
-    ``train.init_from`` model, on the first training batches of the run
-    (``calib_batches`` of the transform, the largest asked)."""
+    (gain-cell attention's affines, CSKV's ASVD factors; ``sparsejax.adapt``) against
+    ``teacher`` (the ``train.init_from`` model, :func:`init_model_with_source`), on the
+    first training batches of the run (``calib_batches`` of the transform, the largest
+    asked), as a fresh run does before its first step."""
     from sparsejax.adapt import calibrate_attention, uncalibrated_attention
     from sparsejax.posttrain import calibration_batches
 
@@ -561,7 +570,6 @@ def _calibrate_from_teacher(cfg: Config, model: nnx.Module, verbose: bool) -> No
         return
     count = max(slot.spec.calib_batches for path, _, _, slot in transform_slots(model)
                 if path in paths)
-    teacher, _, _ = load_model(*resolve_checkpoint(cfg.train.init_from))
     start = time.perf_counter()
     try:
         reports = calibrate_attention(model, teacher, calibration_batches(cfg, count))

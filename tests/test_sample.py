@@ -20,6 +20,7 @@ from sparsejax.nn import apply_rules
 from sparsejax.sample import Decoder, sample, sample_token
 from sparsejax.train import run
 from tests.conftest import TINY_GPT
+from tests.helpers.decoding import cached_logits
 from tests.test_corpus import SHAKESPEARE
 
 RULES = {
@@ -47,13 +48,7 @@ def test_cached_logits_equal_the_uncached_forward(name, prefill):
     model = tiny_gpt(RULES[name])
     ids = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
     full = nnx.jit(lambda m, x: m(x))(model, ids)
-    cached = nnx.jit(lambda m, x, c, p: m.forward_cached(x, c, p))
-    logits, cache = cached(model, ids[:, :prefill], model.init_cache(2), jnp.int32(0))
-    pieces = [logits]
-    for pos in range(prefill, 16):
-        logits, cache = cached(model, ids[:, pos:pos + 1], cache, jnp.int32(pos))
-        pieces.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(cached_logits(model, ids, prefill), full, atol=1e-5, rtol=1e-5)
 
 
 def greedy_uncached(model: GPT, prompt: list[int], new: int) -> list[int]:
