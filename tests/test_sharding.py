@@ -126,6 +126,25 @@ def test_partial_multi_host_flags_are_refused():
     assert initialize() is False  # neither flags nor SLURM: a single-process run
 
 
+_IMPORT_EVERY_MODULE = """
+import importlib, pkgutil, sparsejax
+from jax._src import xla_bridge
+for info in pkgutil.walk_packages(sparsejax.__path__, "sparsejax."):
+    if not info.name.endswith("__main__"):
+        importlib.import_module(info.name)
+        if xla_bridge._backends:
+            raise SystemExit("importing " + info.name + " started the XLA backend")
+"""
+
+
+def test_importing_the_library_does_not_start_the_backend():
+    # jax.distributed.initialize must run before any JAX computation; a jnp constant
+    # at module level (once in numerics/lmul.py) broke every multi-process launch.
+    done = subprocess.run([sys.executable, "-c", _IMPORT_EVERY_MODULE], cwd=REPO,
+                          env=_env(1), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def _env(devices: int) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}

@@ -28,14 +28,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["lmul", "lmul_matmul", "lmul_offset_bits", "round_mantissa"]
 
 _MANT = 23  # float32 mantissa bits
-_EXP_MASK = jnp.uint32(0x7F800000)
-_ABS_MASK = jnp.uint32(0x7FFFFFFF)
-_SIGN_MASK = jnp.uint32(0x80000000)
-_ONE = jnp.uint32(0x3F800000)  # bits of 1.0: the exponent bias in place
+# numpy scalars, not jnp: a jnp constant at import time starts the XLA backend, after
+# which jax.distributed.initialize refuses to run (multi-process training).
+_EXP_MASK = np.uint32(0x7F800000)
+_ABS_MASK = np.uint32(0x7FFFFFFF)
+_SIGN_MASK = np.uint32(0x80000000)
+_ONE = np.uint32(0x3F800000)  # bits of 1.0: the exponent bias in place
 
 
 def lmul_offset_bits(mantissa_bits: int) -> int:
