@@ -3,8 +3,10 @@
 initialisation of gain-cell attention (Leroux, Manea et al. 2025, "adaptation") and the
 ASVD initialisation of CSKV's low-rank key / value projections.
 
-1. The teacher (the ``init_from`` model as trained) runs on calibration batches; the
-   per-head mean and standard deviation of each attention module's output are recorded.
+1. For methods that match the teacher's outputs (gain-cell), the teacher (the
+   ``init_from`` model as trained) runs on calibration batches and the per-head mean and
+   standard deviation of each attention module's output are recorded; CSKV needs no
+   teacher pass.
 2. Layer by layer in call order, the student's queries, keys and values at that layer -
    with every earlier layer already calibrated - go to the layer's transform
    (:meth:`~sparsejax.transforms.Transform.calibrate`) with the teacher's statistics,
@@ -116,17 +118,20 @@ def calibrate_attention(model: nnx.Module, teacher: nnx.Module,
                         batches: Sequence[np.ndarray],
                         progress: Callable[[str], None] | None = None) -> list[AttentionReport]:
     """Calibrate, in place and in call order, every attention module of ``model`` whose
-    transform is uncalibrated (:func:`uncalibrated_attention`) so that its output
-    statistics match those of the same module of ``teacher`` on ``batches``. Raises
-    ``ValueError`` when the teacher has no attention module at a calibrated path."""
+    transform is uncalibrated (:func:`uncalibrated_attention`). Transforms that match the
+    teacher's outputs (``matches_teacher_outputs``, gain-cell) get the per-head output
+    statistics of the same module of ``teacher`` on ``batches`` and are reported; the
+    teacher runs only when one of them is present. Raises ``ValueError`` when the teacher
+    has no attention module at such a path."""
     wanted = set(uncalibrated_attention(model))
     if not wanted:
         return []
-    targets = output_statistics(teacher, batches)
-    missing = sorted(wanted - set(targets))
+    slots = {path: slot for path, _, _, slot in transform_slots(model) if path in wanted}
+    matching = {path for path in wanted if slots[path].spec.matches_teacher_outputs}
+    targets = output_statistics(teacher, batches) if matching else {}
+    missing = sorted(matching - set(targets))
     if missing:
         raise ValueError(f"the teacher has no attention module at {missing[0]}")
-    slots = {path: slot for path, _, _, slot in transform_slots(model) if path in wanted}
     layers = dict(named_layers(model, (Attention,)))
     order = [path for path in call_order(model, batches[0], _attention_calls)
              if path in wanted]
@@ -135,19 +140,22 @@ def calibrate_attention(model: nnx.Module, teacher: nnx.Module,
     for path in order:
         q, k, v, _, x = attention_outputs(model, batches, path)[path]
         slot = slots[path]
-        mean, std = (jnp.asarray(t) for t in targets[path])
-        new = slot.spec.calibrate(slot.site, slot.view(None),
-                                  {"q": q, "k": k, "v": v, "positions": positions,
-                                   "target_mean": mean, "target_std": std,
-                                   "x_abs_mean": jnp.mean(jnp.abs(x.astype(jnp.float32)),
-                                                          axis=(0, 1)),
-                                   "kv_projection": layers[path].kv_projection()})
+        data = {"q": q, "k": k, "v": v, "positions": positions,
+                "x_abs_mean": jnp.mean(jnp.abs(x.astype(jnp.float32)), axis=(0, 1)),
+                "kv_projection": layers[path].kv_projection()}
+        if path in matching:
+            data["target_mean"], data["target_std"] = (jnp.asarray(t) for t in targets[path])
+        new = slot.spec.calibrate(slot.site, slot.view(None), data)
         for name, value in new.params.items():
             slot.params[name][...] = value
         for name, value in new.state.items():
             slot.state[name][...] = value
+        if path not in matching:
+            if progress:
+                progress(f"{path}: calibrated ({slot.spec.method})")
+            continue
         got = head_statistics(attention_outputs(model, batches, path)[path][3])  # y
-        reports.append(AttentionReport(path, np.asarray(mean), np.asarray(std),
+        reports.append(AttentionReport(path, *(np.asarray(t) for t in targets[path]),
                                        *(np.asarray(s) for s in got)))
         if progress:
             progress(f"{path}: output statistics matched to "

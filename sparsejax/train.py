@@ -576,10 +576,11 @@ def calibrate_from_teacher(cfg: Config, model: nnx.Module, teacher: nnx.Module,
     except ValueError as err:
         raise ConfigError(f"train.init_from: {err}") from None
     if verbose:
-        worst = max(r.max_rel_error for r in reports)
-        print(f"calibrated {len(reports)} attention modules against {cfg.train.init_from} "
-              f"on {count} batches in {time.perf_counter() - start:.1f} s (per-head output "
-              f"mean and std within {worst:.1e} of the teacher's std)")
+        matched = (f" (per-head output mean and std of {len(reports)} within "
+                   f"{max(r.max_rel_error for r in reports):.1e} of the teacher's std)"
+                   if reports else "")
+        print(f"calibrated {len(paths)} attention modules from {cfg.train.init_from} "
+              f"on {count} batches in {time.perf_counter() - start:.1f} s{matched}")
 
 
 def _initial_state(cfg: Config, model: nnx.Module, mesh: Mesh):

@@ -84,7 +84,9 @@ def full_rank_calibrated(tiny_gpt, **fields):
     teacher, student = init_model(tiny_gpt()), init_model(cfg)
     batches = [np.asarray(jax.random.randint(jax.random.key(i), (4, 32), 0, 255))
                for i in range(2)]
-    calibrate_attention(student, teacher, batches)
+    # CSKV's factors come from the student's own (init_from) projections: no teacher pass,
+    # so a missing teacher is never touched, and there is no output statistic to report
+    assert calibrate_attention(student, None, batches) == []
     return teacher, student, batches
 
 

@@ -211,6 +211,10 @@ class Transform:
     # Whether a run must start from ``train.init_from`` (its calibration needs a trained
     # model, e.g. CSKV's factors of the trained key / value projections).
     requires_init_from: ClassVar[bool] = False
+    # Whether :meth:`calibrate` of an attention site matches a teacher's per-head output
+    # statistics (``data["target_mean"]`` / ``["target_std"]``); only then does
+    # ``sparsejax.adapt`` run the teacher.
+    matches_teacher_outputs: ClassVar[bool] = False
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))

@@ -227,6 +227,7 @@ class GainCell(Transform):
     # a, b set from a teacher's statistics: train.init_from carries them from a run of the
     # same method instead of recalibrating
     calibrated = True
+    matches_teacher_outputs = True
 
     def check(self) -> None:
         for name in ("window", "array"):
