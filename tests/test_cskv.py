@@ -16,8 +16,10 @@ from sparsejax.transforms import Context, Site, build_spec
 from sparsejax.transforms.attention.cskv import (
     asvd_factors,
     cache_bytes_per_old_token,
+    pack_codes,
     quantize_per_channel_groups,
     quantize_per_token,
+    unpack_codes,
 )
 from tests.conftest import REPO
 from tests.helpers.decoding import cached_logits
@@ -103,7 +105,19 @@ def test_bibranch_equals_plain_attention_at_full_rank_without_quantisation(tiny_
     np.testing.assert_array_equal(np.asarray(slot.state["bias_k"][...]), np.asarray(b_k))
 
 
-@pytest.mark.parametrize("bits", [pytest.param(0, marks=pytest.mark.slow), 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_codes_pack_into_whole_bytes_and_unpack_exactly(bits):
+    codes = jax.random.randint(jax.random.key(bits), (3, 5, 13), 0, 2 ** bits)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == jnp.uint8 and packed.shape == (3, 5, -(-13 * bits // 8))
+    np.testing.assert_array_equal(np.asarray(unpack_codes(packed, bits, 13)),
+                                  np.asarray(codes, np.float32))
+    if bits == 2:  # the layout: code i of a byte in bits [2i, 2i + 2)
+        byte = pack_codes(jnp.array([[1, 2, 3, 0]]), 2)
+        assert int(byte[0, 0]) == 1 + (2 << 2) + (3 << 4)
+
+
+@pytest.mark.parametrize("bits", [pytest.param(0, marks=pytest.mark.slow), 2, 4])
 def test_cached_decoding_equals_teacher_forced_bibranch_evaluation(tiny_gpt, bits):
     model = init_model(tiny_gpt(cskv_rule(quant_bits=bits, group=4, k_density=0.5,
                                           v_density=0.5)))
@@ -123,7 +137,9 @@ def test_cache_bytes_are_counted_from_the_arrays(tiny_gpt):
     token; at density 0.5 the compressed branch stores 128; with 4-bit codes 2 * 16 / 2 =
     16 bytes of codes plus float16 scales (keys: 2 * 16 * 2 bytes per group of 4, values:
     2 * 2 bytes per token) over the padded length (32 + 2 groups of slack = 40 of 32)."""
-    for bits, expected in [(0, 128.0), (4, (16 + 2 * 16 * 2 / 4 + 4) * 40 / 32)]:
+    scales = 2 * 16 * 2 / 4 + 4
+    for bits, expected in [(0, 128.0), (4, (16 + scales) * 40 / 32),
+                           (2, (8 + scales) * 40 / 32)]:
         model = init_model(tiny_gpt(cskv_rule(quant_bits=bits, group=4, k_density=0.5,
                                               v_density=0.5)))
         cache = model.init_cache(3)

@@ -147,17 +147,27 @@ def bibranch_attention(q: jax.Array, keys: list[tuple[jax.Array, jax.Array, jax.
     return out
 
 
-def _pack4(codes: jax.Array) -> jax.Array:
-    """Two 4-bit codes per byte along the last axis (padded to even)."""
+def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
+    """``8 // bits`` codes of ``bits`` bits (2, 4 or 8) per byte along the last axis
+    (zero-padded to a whole byte): ``(..., r)`` -> ``(..., ceil(r * bits / 8))`` uint8,
+    code ``i`` of a byte in bits ``[i * bits, (i + 1) * bits)``."""
+    per_byte = 8 // bits
     codes = codes.astype(jnp.uint8)
-    if codes.shape[-1] % 2:
-        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 1)])
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    pad = -codes.shape[-1] % per_byte
+    if pad:
+        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
+    codes = codes.reshape(*codes.shape[:-1], -1, per_byte)
+    shifts = jnp.arange(per_byte, dtype=jnp.uint8) * bits
+    # the shifted codes occupy disjoint bits, so their sum is their bitwise or
+    return jnp.sum(codes << shifts, axis=-1, dtype=jnp.uint8)
 
 
-def _unpack4(packed: jax.Array, width: int) -> jax.Array:
-    both = jnp.stack([packed & 15, packed >> 4], axis=-1)
-    return both.reshape(*packed.shape[:-1], -1)[..., :width].astype(jnp.float32)
+def unpack_codes(packed: jax.Array, bits: int, width: int) -> jax.Array:
+    """The inverse of :func:`pack_codes`: the first ``width`` codes as float32."""
+    per_byte = 8 // bits
+    shifts = jnp.arange(per_byte, dtype=jnp.uint8) * bits
+    codes = (packed[..., None] >> shifts) & jnp.uint8((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :width].astype(jnp.float32)
 
 
 @register("attention", "cskv")
@@ -275,7 +285,7 @@ class CSKV(Transform):
             return {**cache, "c_k": jnp.zeros((batch, length, r_k), dtype),
                     "c_v": jnp.zeros((batch, length, r_v), dtype)}
         n = self._padded_length(length)
-        per_byte = 2 if self.quant_bits == 4 else 1
+        per_byte = 8 // self.quant_bits
         width = lambda r: -(-r // per_byte)  # noqa: E731
         return {**cache,
                 "k_group": jnp.zeros((batch, self.group, r_k), jnp.float32),
@@ -287,12 +297,10 @@ class CSKV(Transform):
                 "v_zero": jnp.zeros((batch, n, 1), SCALE_DTYPE)}
 
     def _pack(self, codes: jax.Array) -> jax.Array:
-        return _pack4(codes) if self.quant_bits == 4 else codes.astype(jnp.uint8)
+        return pack_codes(codes, self.quant_bits)
 
     def _unpack(self, packed: jax.Array, width: int) -> jax.Array:
-        if self.quant_bits == 4:
-            return _unpack4(packed, width)
-        return packed.astype(jnp.float32)
+        return unpack_codes(packed, self.quant_bits, width)
 
     def _write_compressed(self, cache: dict, c_k: jax.Array, c_v: jax.Array, pos: jax.Array
                           ) -> dict:
