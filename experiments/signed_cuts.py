@@ -9,6 +9,8 @@ bits per weight with:
   coefficients (Riasanovsky & El Kazdadi 2024);
 - ``rtn``: absmax round-to-nearest per output column at ``floor(bits)`` bits plus a
   16-bit scale per column (no 0.5-bit form);
+- ``rtn_minmax``: asymmetric min/max round-to-nearest per output column, ``2^b`` levels
+  with a 16-bit scale and zero point per column;
 - ``svd``: truncated SVD with 16-bit factors at the same storage.
 
 Reported: the mean relative Frobenius error over the layers, and the validation loss of
@@ -16,11 +18,14 @@ the compressed model. Writes ``results.md``, ``results.csv`` and ``loss_vs_bits.
 
     python experiments/signed_cuts.py                       # ~15 min on 2 CPU cores
     python experiments/signed_cuts.py --source runs/my_gpt --bits 0.25 0.5 1 2
+    python experiments/signed_cuts.py --methods rtn_minmax   # one method; the other rows
+                                                             # are kept from results.csv
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import sys
@@ -40,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_figure, write_csv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+METHODS = ("signed_cuts", "rtn", "rtn_minmax", "svd")
 
 
 def main() -> None:
@@ -48,6 +54,9 @@ def main() -> None:
                         help="run dir of a trained GPT (default: train one, 1000 steps)")
     parser.add_argument("--bits", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--layers", default=r"blocks/\d+/(attn|mlp)/.*")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="methods to (re)run; rows of the others at these --bits are "
+                             "kept from an existing results.csv of the same source")
     parser.add_argument("--out", default=str(REPO / "experiments/results/signed_cuts"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -60,10 +69,20 @@ def main() -> None:
                         ["rules=[]", "name=signed_cuts_dense", f"run_dir={source}",
                          "checkpoint.every=100000", "logging.progress=none"]), verbose=False)
 
-    rows = []
-    for method in ("signed_cuts", "rtn", "svd"):
+    resolved = source.resolve()
+    source_name = str(resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else resolved)
+    kept = []
+    if (out / "results.csv").is_file():
+        with open(out / "results.csv") as f:
+            kept = [r for r in csv.DictReader(f) if r["method"] not in args.methods
+                    and float(r["bits_budget"]) in args.bits
+                    and r.get("source") == source_name]
+    rows = [{**r, **{k: float(r[k]) for k in ("bits_budget", "bits_per_weight",
+                                              "mean_rel_error", "val_loss",
+                                              "dense_val_loss")}} for r in kept]
+    for method in args.methods:
         for bits in args.bits:
-            if method == "rtn" and bits < 1:
+            if method.startswith("rtn") and bits < 1:
                 continue
             target = runs / f"{method}_{bits:g}"
             shutil.rmtree(target, ignore_errors=True)
@@ -74,15 +93,19 @@ def main() -> None:
                          "bits_per_weight": report["bits_per_weight"],
                          "mean_rel_error": float(np.mean(errors)),
                          "val_loss": report["after"]["loss"],
-                         "dense_val_loss": report["before"]["loss"]})
+                         "dense_val_loss": report["before"]["loss"],
+                         "source": source_name})
             print(f"{method:12s} {bits:4g} bits: {report['bits_per_weight']:.3f} stored, "
                   f"error {np.mean(errors):.4f}, val loss {report['after']['loss']:.4f}",
                   flush=True)
+    rows.sort(key=lambda r: (r["bits_budget"], METHODS.index(r["method"])))
     write_csv(out / "results.csv", rows)
     dense = rows[0]["dense_val_loss"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in ("signed_cuts", "rtn", "svd"):
+    for method in METHODS:
         pts = [(r["bits_per_weight"], r["val_loss"]) for r in rows if r["method"] == method]
+        if not pts:
+            continue
         ax.plot(*zip(*pts, strict=True), "o-", label=method)
     ax.axhline(dense, color="black", ls="--", label="uncompressed")
     ax.set_xscale("log", base=2)
@@ -95,7 +118,7 @@ def main() -> None:
              f"Command: `python experiments/signed_cuts.py --bits "
              f"{' '.join(f'{b:g}' for b in args.bits)}"
              f"{f' --source {args.source}' if args.source else ''}`", "",
-             f"Source: `{source.relative_to(REPO) if source.is_relative_to(REPO) else source}`"
+             f"Source: `{source_name}`"
              f" ({json.loads((source / 'results.json').read_text())['steps']} steps), "
              f"uncompressed val loss {dense:.4f}; layers `{args.layers}` (weights only; "
              "simulated: the approximations are stored as dense kernels).", "",

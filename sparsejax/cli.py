@@ -9,7 +9,7 @@
     sparsejax evaluate-analog RUN_DIR [--times 60,3600,...] [--repeats 5]
     sparsejax prune RUN_DIR --method magnitude|wanda|sparsegpt|dsf --sparsity S | --nm N:M
         --out NEW_RUN_DIR [--layers REGEX] [--calib-batches 32]
-    sparsejax compress RUN_DIR --method signed_cuts|rtn|svd --bits B --out NEW_RUN_DIR
+    sparsejax compress RUN_DIR --method signed_cuts|rtn|rtn_minmax|svd --bits B --out NEW_RUN_DIR
         [--layers REGEX]
 
 Configuration problems print one line to stderr and exit with code 2 before anything is
@@ -380,7 +380,7 @@ def make_parser() -> argparse.ArgumentParser:
         "directory (step 0) with compress.json. Prints the validation loss before and after.")
     compress.add_argument("run_dir", help="run directory (latest checkpoint) or "
                           "<run>/checkpoints/<step>")
-    compress.add_argument("--method", required=True, metavar="signed_cuts|rtn|svd")
+    compress.add_argument("--method", required=True, metavar="signed_cuts|rtn|rtn_minmax|svd")
     compress.add_argument("--bits", type=float, required=True,
                           help="bits per weight of each compressed layer, e.g. 1 or 0.5")
     compress.add_argument("--out", required=True, help="new run directory (must not exist)")

@@ -8,6 +8,9 @@ Storage counted per (in, out) kernel, weights only (biases stay float32):
   ``w = floor(bits * in * out / (in + out + 16))``;
 - ``rtn``: ``b``-bit absmax round-to-nearest per output column with a 16-bit scale per
   column (``b = bits`` rounded down to an integer >= 1; 1 bit is ``sign(w) mean|w|``);
+- ``rtn_minmax``: asymmetric min/max round-to-nearest per output column, ``2^b`` levels
+  between the column's min and max, with a 16-bit scale and zero point per column (a
+  fairer low-bit baseline than absmax, whose 2-bit grid is ternary);
 - ``svd``: rank ``r = floor(bits * in * out / (16 (in + out)))`` with 16-bit factors.
 
 The compressed weights are written as the kernels of a new run directory (step-0
@@ -30,7 +33,7 @@ import jax.numpy as jnp
 from sparsejax.config import ConfigError, RuleConfig
 from sparsejax.nn import Linear, named_layers
 from sparsejax.numerics.signed_cuts import signed_cut_width, signed_cuts
-from sparsejax.quant import absmax_ste
+from sparsejax.quant import absmax_ste, quantize
 
 __all__ = ["COMPRESSORS", "compress_run", "compress_weight"]
 
@@ -50,6 +53,12 @@ def _rtn(w: jax.Array, bits: float) -> tuple[jax.Array, float]:
     return approx, b + SCALAR_BITS / w.shape[0]
 
 
+def _rtn_minmax(w: jax.Array, bits: float) -> tuple[jax.Array, float]:
+    b = max(1, int(bits))
+    codes, scale, zero = quantize(w, b, affine=True, block_size=w.shape[0], axis=0)
+    return codes * scale + zero, b + 2 * SCALAR_BITS / w.shape[0]
+
+
 def _svd(w: jax.Array, bits: float) -> tuple[jax.Array, float]:
     m, n = w.shape
     rank = max(1, int(bits * m * n // (SCALAR_BITS * (m + n))))
@@ -59,7 +68,7 @@ def _svd(w: jax.Array, bits: float) -> tuple[jax.Array, float]:
 
 
 COMPRESSORS: dict[str, Callable[[jax.Array, float], tuple[jax.Array, float]]] = {
-    "signed_cuts": _signed_cuts, "rtn": _rtn, "svd": _svd}
+    "signed_cuts": _signed_cuts, "rtn": _rtn, "rtn_minmax": _rtn_minmax, "svd": _svd}
 
 
 def compress_weight(method: str, w: jax.Array, bits: float) -> tuple[jax.Array, float]:

@@ -44,6 +44,22 @@ def test_each_method_stays_within_its_budget_and_more_bits_lower_the_error():
     assert max(len(u) for u in per_column) <= 3  # 2-bit symmetric: -1, 0, 1 times a scale
 
 
+def test_minmax_rtn_uses_all_levels_from_column_min_to_max_and_charges_two_scalars():
+    w = np.asarray(jax.random.normal(jax.random.key(1), (96, 160)))
+    approx, used = compress_weight("rtn_minmax", w, 2.0)
+    approx = np.asarray(approx)
+    assert used == 2.0 + 32 / 96  # a 16-bit scale and a 16-bit zero point per column
+    for j in range(160):
+        lo, hi = w[:, j].min(), w[:, j].max()
+        levels = lo + (hi - lo) / 3 * np.arange(4)
+        np.testing.assert_allclose(np.unique(approx[:, j]), levels, rtol=1e-5, atol=1e-6)
+        # round to the nearest level
+        nearest = levels[np.argmin(np.abs(w[:, j, None] - levels), axis=1)]
+        np.testing.assert_allclose(approx[:, j], nearest, rtol=1e-5, atol=1e-6)
+    absmax_error = np.linalg.norm(np.asarray(compress_weight("rtn", w, 2.0)[0]) - w)
+    assert np.linalg.norm(approx - w) < absmax_error  # 4 levels beat absmax's 3
+
+
 @pytest.mark.slow
 def test_compressed_run_reloads_with_the_reported_loss(trained, tmp_path):
     out = tmp_path / "cuts"
