@@ -23,6 +23,7 @@ from sparsejax.transforms.attention.gaincell import (
     K_RANGE,
     OUT_RANGE,
     Q_RANGE,
+    add_read_noise,
     decay_window,
     gaincell_readout,
     gaincell_scores,
@@ -182,6 +183,21 @@ def test_cell_polynomial_is_the_reference_fit_summed_over_input_powers():
     np.testing.assert_allclose(CELL_POLYNOMIAL, expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("ratio", [0.1, 0.01])
+def test_read_noise_has_the_requested_energy_on_the_read_entries_only(ratio):
+    x = jax.random.normal(jax.random.key(0), (3, 5, 7))
+    where = jnp.arange(7) < jnp.arange(1, 6)[:, None]  # (5, 7): row i reads i + 1 entries
+    y = add_read_noise(x, where, ratio, jax.random.key(1))
+    noise = np.asarray(y - x)
+    np.testing.assert_allclose((noise ** 2).sum(-1), ratio * (np.asarray(x) ** 2).sum(-1),
+                               rtol=1e-4)
+    assert np.all(noise[:, ~np.asarray(where)] == 0)
+    weights = jnp.arange(105.0).reshape(3, 5, 7)
+    grad = jax.grad(lambda x: jnp.sum(add_read_noise(x, where, ratio, jax.random.key(1))
+                                      * weights))(x)
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(weights))  # noise: no grad
+
+
 # --------------------------------------------------------------------------- in a GPT
 
 
@@ -216,6 +232,30 @@ def test_gradients_through_a_gaincell_gpt_are_finite_and_reach_the_affines(tiny_
     slot = grads.blocks[0].attn.attention
     assert any(np.abs(np.asarray(slot.params[n][...])).sum() > 0 for n in ("a_q", "b_q"))
     assert np.abs(np.asarray(slot.params["a_o"][...])).sum() > 0
+
+
+def test_read_noise_is_on_in_evaluation_and_in_training_only_when_asked(tiny_gpt):
+    ids = jax.random.randint(jax.random.key(1), (2, 20), 0, 255)
+    noisy_rule = ATTN_RULE.replace("calib_batches: 2", "calib_batches: 2, read_noise: 0.1")
+    clean, noisy = init_model(tiny_gpt(ATTN_RULE)), init_model(tiny_gpt(noisy_rule))
+    for model in (clean, noisy):
+        model.eval()
+    assert not np.allclose(np.asarray(noisy(ids)), np.asarray(clean(ids)), atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(noisy(ids)), np.asarray(noisy(ids)))
+    clean.train()
+    noisy.train()  # evaluation-only noise, as the reference: training reads are exact
+    np.testing.assert_array_equal(np.asarray(noisy(ids)), np.asarray(clean(ids)))
+    assert int(noisy.blocks[0].attn.attention.state["count"][...]) == 0
+
+    aware = init_model(tiny_gpt(noisy_rule.replace("read_noise: 0.1",
+                                                   "read_noise: 0.1, read_noise_train: true")))
+    aware.train()
+    first, second = np.asarray(aware(ids)), np.asarray(aware(ids))
+    assert not np.allclose(first, np.asarray(clean(ids)), atol=1e-3)
+    assert not np.allclose(first, second, atol=1e-3)  # a fresh draw per training call
+    assert int(aware.blocks[0].attn.attention.state["count"][...]) == 2
+    with pytest.raises(ConfigError, match=r"rules\.0\.attention\.read_noise_train"):
+        tiny_gpt(ATTN_RULE.replace("calib_batches: 2", "read_noise_train: true"))
 
 
 def test_cached_decoding_equals_the_full_forward(tiny_gpt):

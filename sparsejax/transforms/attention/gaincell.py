@@ -28,6 +28,14 @@ a bounded, quantised converter. Per head ``h``, with ``q, k, v`` ``(B, T, H, D)`
 ``b_q = 0``, ``b_k = b_v = 0.45``; ``a_o = 1``, ``b_o = 0``) - or set from statistics of a
 softmax teacher by :meth:`GainCell.calibrate` (``sparsejax.adapt``).
 
+Read noise (``read_noise``, the reference's ``ReadNoise`` module, which it applies in
+evaluation only at an SNR of 10 dB, i.e. ``read_noise = 0.1``): every analog read gets
+additive Gaussian noise whose energy is ``read_noise`` times the read's own energy - per
+query row of visible scores ``S / S_sat`` before the clip, and per tile read-out row over
+``D`` before the clip -, ``x + sqrt(read_noise |x|^2 / |z|^2) z`` with ``z ~ N(0, I)`` on
+the visible entries; the noise carries no gradient. It is on in evaluation, and in
+training too with ``read_noise_train: true`` (noise-aware adaptation).
+
 ``cell: nonlinear`` replaces each product by the reference's fitted cell response, a
 polynomial of order 3 in the stored voltage ``u = k~ - 0.45`` (and ``v~ - 0.45``), linear in
 the input: ``S_ij = sum_p C_p sum_d q~_id u_jd^p D_ij^p`` with ``C_p = sum_r c_pr 0.9^r``
@@ -62,7 +70,7 @@ from sparsejax.transforms.base import (
     register,
 )
 
-__all__ = ["CELL_POLYNOMIAL", "GainCell", "decay_window", "gaincell_attention",
+__all__ = ["CELL_POLYNOMIAL", "GainCell", "add_read_noise", "decay_window", "gaincell_attention",
            "gaincell_readout", "gaincell_scores", "head_statistics", "quantize_levels"]
 
 STORED_OFFSET = 0.45  # the cell's mid voltage: k~ - 0.45 is the signed stored weight
@@ -133,29 +141,52 @@ def _inputs(q: jax.Array, k: jax.Array, v: jax.Array, params: State, q_levels: i
     return qt, kt - STORED_OFFSET, vt - STORED_OFFSET
 
 
+def add_read_noise(x: jax.Array, where: jax.Array, ratio: float, key: jax.Array
+                   ) -> jax.Array:
+    """``x + sqrt(ratio |x|^2 / |z|^2) z`` per row of the last axis, ``z ~ N(0, I)`` on the
+    entries ``where`` (broadcast to ``x``) and 0 elsewhere: additive noise with ``ratio``
+    times the row's energy (an SNR of ``-10 log10(ratio)`` dB; torchaudio's ``add_noise``,
+    which the reference uses). The noise carries no gradient."""
+    z = jax.random.normal(key, x.shape, jnp.float32) * where
+    energy_x = jnp.sum(jnp.square(jax.lax.stop_gradient(x)), axis=-1, keepdims=True)
+    energy_z = jnp.sum(jnp.square(z), axis=-1, keepdims=True)
+    scale = jnp.sqrt(ratio * energy_x / jnp.maximum(energy_z, 1e-30))
+    return x + jax.lax.stop_gradient(scale * z)
+
+
 def gaincell_scores(qt: jax.Array, stored_k: jax.Array, decay: jax.Array, *, gain: float,
-                    score_saturation: float, cell: str = "linear") -> jax.Array:
+                    score_saturation: float, cell: str = "linear", read_noise: float = 0.0,
+                    noise_key: jax.Array | None = None) -> jax.Array:
     """``A = clip(S / S_sat, 0, 1)`` ``(B, H, T, L)`` from ``q~`` ``(B, T, H, D)``,
     ``k~ - 0.45`` ``(B, L, H, D)`` and ``D`` ``(T, L)`` (:func:`decay_window`); exactly 0
-    where ``D`` hides the key."""
+    where ``D`` hides the key. With ``noise_key``, :func:`add_read_noise` of ``read_noise``
+    on each query's visible ``S / S_sat`` before the clip."""
     scores = _cell_product("bthd,bjhd,tj->bhtj", qt, stored_k, decay, gain, cell)
-    return jnp.clip(scores / score_saturation, *Q_RANGE) * (decay > 0)
+    scores = scores / score_saturation
+    if noise_key is not None and read_noise > 0:
+        scores = add_read_noise(scores, decay > 0, read_noise, noise_key)
+    return jnp.clip(scores, *Q_RANGE) * (decay > 0)
 
 
 def gaincell_readout(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
                      params: State, *, window: int, decay_rate: float, array: int,
                      q_levels: int, kv_levels: int, out_levels: int, gain: float,
                      score_saturation: float, output_saturation: float,
-                     cell: str = "linear") -> tuple[jax.Array, Metrics]:
+                     cell: str = "linear", read_noise: float = 0.0,
+                     noise_key: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
     """The summed read-out ``O`` ``(B, T, H, D)`` (float32) of gain-cell attention before
     the output affine (:func:`gaincell_attention`), and the call's metrics: the fractions
-    of visible scores at saturation (``A = 1``) and of tile read-outs clipped."""
+    of visible scores at saturation (``A = 1``) and of tile read-outs clipped. With
+    ``noise_key``, both reads get ``read_noise`` (:func:`add_read_noise`)."""
     qt, stored_k, stored_v = _inputs(q, k, v, params, q_levels, kv_levels)
     n_keys = k.shape[1]
     decay = decay_window(q_positions, n_keys, window, decay_rate)  # (T, L)
     visible = decay > 0
+    score_key, out_key = (jax.random.split(noise_key) if noise_key is not None
+                          else (None, None))
     weights = gaincell_scores(qt, stored_k, decay, gain=gain,
-                              score_saturation=score_saturation, cell=cell)
+                              score_saturation=score_saturation, cell=cell,
+                              read_noise=read_noise, noise_key=score_key)
     tiles = -(-n_keys // array)
     pad = tiles * array - n_keys
     saturated = jnp.sum((weights >= Q_RANGE[1]) & visible) / (
@@ -167,12 +198,14 @@ def gaincell_readout(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     stored = stored.reshape(stored.shape[0], tiles, array, *stored.shape[2:])
     per_tile = _cell_product("bhtnj,bnjhd,tnj->bthnd", weights, stored, decay_tiles, gain,
                              cell) / output_saturation
-    clipped = jnp.mean(jnp.abs(per_tile) > OUT_RANGE[1])
-    per_tile = quantize_levels(jnp.clip(per_tile, *OUT_RANGE), *OUT_RANGE, out_levels)
     # only the arrays holding a visible key are read (the converter has no exact zero
     # with an even number of levels: an idle array would add a bias of half a step)
-    read = jnp.any(decay_tiles > 0, axis=-1)  # (T, n)
-    per_tile = per_tile * read[None, :, None, :, None]
+    read = jnp.any(decay_tiles > 0, axis=-1)[None, :, None, :, None]  # (1, T, 1, n, 1)
+    if out_key is not None and read_noise > 0:
+        per_tile = add_read_noise(per_tile, read, read_noise, out_key)
+    clipped = jnp.mean(jnp.abs(per_tile) > OUT_RANGE[1])
+    per_tile = quantize_levels(jnp.clip(per_tile, *OUT_RANGE), *OUT_RANGE, out_levels)
+    per_tile = per_tile * read
     metrics = {"score_saturated": jax.lax.stop_gradient(saturated),
                "output_clipped": jax.lax.stop_gradient(clipped)}
     return per_tile.sum(axis=3), metrics
@@ -207,7 +240,12 @@ class GainCell(Transform):
     (``linear`` | ``nonlinear``), and the adaptation from a softmax teacher:
     ``calib_batches`` training batches (0: keep the reference's initial ``a, b``) and
     ``calib_sigmas`` - the input affines put the mean of q, k, v at the centre of their
-    range and ``calib_sigmas`` standard deviations at its edge."""
+    range and ``calib_sigmas`` standard deviations at its edge; ``read_noise``, the
+    noise-to-signal energy ratio of each analog read (0: off; the reference's 0.1 is
+    10 dB), in evaluation and, with ``read_noise_train``, in training. The draws come from
+    the layer's key and a checkpointed ``count`` of noisy training calls, so a resumed run
+    draws what an unbroken one does; an evaluation draws with the current ``count``
+    (common random numbers across the evaluations of one checkpoint)."""
 
     window: int = 1024
     decay_rate: float = 1.6e-4
@@ -221,6 +259,8 @@ class GainCell(Transform):
     cell: str = "linear"
     calib_batches: int = 8
     calib_sigmas: float = 2.0
+    read_noise: float = 0.0
+    read_noise_train: bool = False
 
     roles = ("attention",)
     per_layer_metrics = ("score_saturated", "output_clipped")
@@ -243,6 +283,10 @@ class GainCell(Transform):
             raise SpecError("decay_rate", f"decay_rate must be >= 0, got {self.decay_rate}")
         if self.cell not in ("linear", "nonlinear"):
             raise SpecError("cell", f"cell must be linear|nonlinear, got '{self.cell}'")
+        if self.read_noise < 0:
+            raise SpecError("read_noise", f"read_noise must be >= 0, got {self.read_noise}")
+        if self.read_noise_train and not self.read_noise:
+            raise SpecError("read_noise_train", "read_noise_train needs read_noise > 0")
         if self.calib_batches < 0:
             raise SpecError("calib_batches", f"calib_batches must be >= 0, got "
                             f"{self.calib_batches}")
@@ -258,7 +302,10 @@ class GainCell(Transform):
                 "a_v": ones, "b_v": zeros + STORED_OFFSET, "a_o": ones, "b_o": zeros}
 
     def init(self, site: Site, x: jax.Array | None, key: jax.Array) -> State:
-        return {"calibrated": jnp.zeros((), jnp.int32)}
+        state = {"calibrated": jnp.zeros((), jnp.int32)}
+        if self.read_noise:
+            state["count"] = jnp.zeros((), jnp.int32)  # noisy training calls so far
+        return state
 
     def _settings(self) -> dict:
         return {"window": self.window, "decay_rate": self.decay_rate, "array": self.array,
@@ -270,8 +317,13 @@ class GainCell(Transform):
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
                params: State, state: State, site: Site, ctx: Context,
                x: jax.Array | None = None) -> tuple[jax.Array, State, Metrics]:
-        out, metrics = gaincell_readout(q, k, v, q_positions, params, **self._settings())
+        noisy = self.read_noise > 0 and (self.read_noise_train or not ctx.training)
+        noise_key = jax.random.fold_in(ctx.key, state["count"]) if noisy else None
+        out, metrics = gaincell_readout(q, k, v, q_positions, params, **self._settings(),
+                                        read_noise=self.read_noise, noise_key=noise_key)
         y = params["a_o"][:, None] * out + params["b_o"][:, None]
+        if noisy and ctx.training:
+            state = {**state, "count": state["count"] + 1}
         return y.astype(q.dtype), state, metrics
 
     def calibrate(self, site: Site, view: View, data: dict) -> View:
