@@ -258,6 +258,28 @@ def test_read_noise_is_on_in_evaluation_and_in_training_only_when_asked(tiny_gpt
         tiny_gpt(ATTN_RULE.replace("calib_batches: 2", "read_noise_train: true"))
 
 
+def test_each_decoding_step_draws_its_own_read_noise():
+    """One query at position 5 or 6 over the same six keys (no leakage, a wide window):
+    noiseless reads are equal, so the noisy ones differ only through their draws."""
+    from sparsejax.transforms import Context, Site
+
+    spec = build_spec("attention", {"method": "gaincell", "decay_rate": 0.0,
+                                    "read_noise": 0.1})
+    site = Site("attention", (2, 8))
+    q, k, v = random_qkv(3, b=1, t=6)
+    params = head_params(2, b_q=0.5)
+    state = {"calibrated": jnp.int32(1), "count": jnp.int32(0)}
+    ctx = Context(False, jax.random.key(0))
+
+    def read(position, spec):
+        return np.asarray(spec.attend(q[:, :1], k, v, jnp.array([position]), params, state,
+                                      site, ctx)[0])
+
+    clean = build_spec("attention", {"method": "gaincell", "decay_rate": 0.0})
+    np.testing.assert_array_equal(read(5, clean), read(6, clean))
+    assert not np.allclose(read(5, spec), read(6, spec), atol=1e-4)
+
+
 def test_cached_decoding_equals_the_full_forward(tiny_gpt):
     model = init_model(tiny_gpt(ATTN_RULE.replace("window: 8", "window: 5")))
     model.eval()

@@ -318,7 +318,9 @@ class GainCell(Transform):
                params: State, state: State, site: Site, ctx: Context,
                x: jax.Array | None = None) -> tuple[jax.Array, State, Metrics]:
         noisy = self.read_noise > 0 and (self.read_noise_train or not ctx.training)
-        noise_key = jax.random.fold_in(ctx.key, state["count"]) if noisy else None
+        # the first query position too: cached decoding draws afresh at every step
+        noise_key = (jax.random.fold_in(jax.random.fold_in(ctx.key, state["count"]),
+                                        q_positions[0]) if noisy else None)
         out, metrics = gaincell_readout(q, k, v, q_positions, params, **self._settings(),
                                         read_noise=self.read_noise, noise_key=noise_key)
         y = params["a_o"][:, None] * out + params["b_o"][:, None]
