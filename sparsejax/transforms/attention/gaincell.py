@@ -243,9 +243,10 @@ class GainCell(Transform):
     range and ``calib_sigmas`` standard deviations at its edge; ``read_noise``, the
     noise-to-signal energy ratio of each analog read (0: off; the reference's 0.1 is
     10 dB), in evaluation and, with ``read_noise_train``, in training. The draws come from
-    the layer's key and a checkpointed ``count`` of noisy training calls, so a resumed run
-    draws what an unbroken one does; an evaluation draws with the current ``count``
-    (common random numbers across the evaluations of one checkpoint)."""
+    the layer's key, a checkpointed ``count`` of noisy training calls (a resumed run draws
+    what an unbroken one does) and the first query position (fresh per decoding step); an
+    evaluation draws with the current ``count`` (common random numbers across the
+    evaluations of one checkpoint)."""
 
     window: int = 1024
     decay_rate: float = 1.6e-4
