@@ -136,8 +136,8 @@ def main() -> None:
             continue
         points = [(r["read_noise"], r["val_loss_mean"], r["val_loss_std"]) for r in rows
                   if r["arm"] == name and r["read_noise"] > 0]
-        clean = next(r["val_loss_mean"] for r in rows if r["arm"] == name
-                     and r["read_noise"] == 0) if 0.0 in args.ratios else None
+        clean = next((r["val_loss_mean"] for r in rows if r["arm"] == name
+                      and r["read_noise"] == 0), None)
         line = ax.errorbar([p[0] for p in points], [p[1] for p in points],
                            yerr=[p[2] for p in points], fmt="o-", capsize=3, label=label)
         if clean is not None:
@@ -166,8 +166,8 @@ def main() -> None:
             continue
         cells = []
         for ratio in args.ratios:
-            r = next(x for x in rows if x["arm"] == name and x["read_noise"] == ratio)
-            cells.append(f"{r['val_loss_mean']:.4f}" + (
+            r = next((x for x in rows if x["arm"] == name and x["read_noise"] == ratio), None)
+            cells.append("-" if r is None else f"{r['val_loss_mean']:.4f}" + (
                 f" +- {r['val_loss_std']:.4f}" if r["draws"] > 1 else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
