@@ -135,8 +135,9 @@ def test_cached_decoding_equals_teacher_forced_bibranch_evaluation(tiny_gpt, bit
 def test_cache_bytes_are_counted_from_the_arrays(tiny_gpt):
     """n_embd 32, block 32, float32: the full cache stores 2 * 32 * 4 = 256 bytes per
     token; at density 0.5 the compressed branch stores 128; with 4-bit codes 2 * 16 / 2 =
-    16 bytes of codes plus float16 scales (keys: 2 * 16 * 2 bytes per group of 4, values:
-    2 * 2 bytes per token) over the padded length (32 + 2 groups of slack = 40 of 32)."""
+    16 bytes of codes (2-bit: 8) plus float16 scales (keys: 2 * 16 * 2 bytes per group of
+    4, values: 2 * 2 bytes per token) over the padded length (32 + 2 groups of slack = 40
+    of 32)."""
     scales = 2 * 16 * 2 / 4 + 4
     for bits, expected in [(0, 128.0), (4, (16 + scales) * 40 / 32),
                            (2, (8 + scales) * 40 / 32)]:
