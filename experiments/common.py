@@ -70,6 +70,17 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def read_csv(path: str | Path, floats: tuple[str, ...] = (), ints: tuple[str, ...] = ()
+             ) -> list[dict[str, Any]]:
+    """The rows :func:`write_csv` wrote (``[]`` when ``path`` does not exist), with the
+    columns ``floats`` and ``ints`` converted back to numbers."""
+    if not Path(path).is_file():
+        return []
+    with open(path) as f:
+        return [{**row, **{k: float(row[k]) for k in floats}, **{k: int(row[k]) for k in ints}}
+                for row in csv.DictReader(f)]
+
+
 def compiled_step(config: str, overrides: list[str]):
     """The trainer's full step for ``config`` + ``overrides``, compiled ahead, with its
     initial state and 8 training batches: ``[compiled, state, batches]``."""

@@ -20,7 +20,6 @@ teacher is the reference line. Writes ``results.md``, ``results.csv`` and
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
@@ -38,7 +37,7 @@ from sparsejax.tasks import build_task  # noqa: E402
 from sparsejax.train import evaluate_model, init_model, run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save_figure, write_csv  # noqa: E402
+from common import read_csv, save_figure, write_csv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = {"calibrated": "calibrated + 300 steps", "nonlinear": "then 300 steps non-linear cell",
@@ -105,14 +104,10 @@ def main() -> None:
     continue_calibrated(runs, "continued", args.continue_steps, 0.0)
     continue_calibrated(runs, "noise_aware", args.continue_steps, args.train_noise)
 
-    rows = []
-    if (out / "results.csv").is_file():
-        with open(out / "results.csv") as f:
-            rows = [{**r, **{k: float(r[k]) for k in ("read_noise", "snr_db", "val_loss_mean",
-                                                      "val_loss_std", "val_loss_noiseless_run")},
-                     "draws": int(r["draws"])}
-                    for r in csv.DictReader(f) if r["arm"] not in args.arms
-                    and float(r["read_noise"]) in args.ratios]
+    numbers = ("read_noise", "snr_db", "val_loss_mean", "val_loss_std",
+               "val_loss_noiseless_run")
+    rows = [r for r in read_csv(out / "results.csv", floats=numbers, ints=("draws",))
+            if r["arm"] not in args.arms and r["read_noise"] in args.ratios]
     for name, label in ARMS.items():
         if name not in args.arms:
             continue

@@ -25,7 +25,6 @@ the compressed model. Writes ``results.md``, ``results.csv`` and ``loss_vs_bits.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import sys
@@ -42,7 +41,7 @@ from sparsejax.config import load_config  # noqa: E402
 from sparsejax.train import run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save_figure, write_csv  # noqa: E402
+from common import read_csv, save_figure, write_csv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("signed_cuts", "rtn", "rtn_minmax", "svd")
@@ -71,15 +70,10 @@ def main() -> None:
 
     resolved = source.resolve()
     source_name = str(resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else resolved)
-    kept = []
-    if (out / "results.csv").is_file():
-        with open(out / "results.csv") as f:
-            kept = [r for r in csv.DictReader(f) if r["method"] not in args.methods
-                    and float(r["bits_budget"]) in args.bits
-                    and r.get("source") == source_name]
-    rows = [{**r, **{k: float(r[k]) for k in ("bits_budget", "bits_per_weight",
-                                              "mean_rel_error", "val_loss",
-                                              "dense_val_loss")}} for r in kept]
+    numbers = ("bits_budget", "bits_per_weight", "mean_rel_error", "val_loss", "dense_val_loss")
+    rows = [r for r in read_csv(out / "results.csv", floats=numbers)
+            if r["method"] not in args.methods and r["bits_budget"] in args.bits
+            and r.get("source") == source_name]
     for method in args.methods:
         for bits in args.bits:
             if method.startswith("rtn") and bits < 1:

@@ -79,6 +79,11 @@ CHANGES = [("authors'", []), ("lr 3e-3", ["optimizer.lr=3e-3"]),
                                       "optimizer.warmup_steps=50", "train.steps=400"])]
 
 
+def change_steps(extra: list[str]) -> int:
+    """The training length of a configuration-stage setting (its overrides ``extra``)."""
+    return 400 if "train.steps=400" in extra else 1000
+
+
 def train(runs: Path, data: Path, method: str, seed: int, steps: int, label: str,
           extra: list[str]) -> dict:
     """One run (reused when finished): results plus the final flip rate and step time."""
@@ -145,7 +150,7 @@ def main() -> None:
                 add("sste+mvue+fp8", SEED, 1000, "authors'", [])
     elif args.stage == "config":
         for label, extra in CHANGES[1:]:
-            steps = 400 if "train.steps=400" in extra else 1000
+            steps = change_steps(extra)
             extra = [e for e in extra if not e.startswith("train.steps")]
             # dense only where the change alters what "dense" means for the comparison
             # (the gpt_tiny setting, 400 steps): the question is STE vs S-STE's order
@@ -212,7 +217,7 @@ def report(out: Path, rows: list[dict]) -> None:
                   "|---|---|---|---|---|---|"]
         for label, extra in CHANGES:
             # the row's own length: the "authors'" label also holds the length stage's runs
-            steps = 400 if "train.steps=400" in extra else 1000
+            steps = change_steps(extra)
             stats = {m: _mean(rows, label=label, method=m, seed=SEED, steps=steps)
                      for m in ("dense", "ste", "sste")}
             if stats["ste"] is None or stats["sste"] is None:
@@ -250,19 +255,20 @@ def report(out: Path, rows: list[dict]) -> None:
                              + f" | {'-' if gap is None else f'{gap:+.4f}'} |")
             if xs:
                 ax.plot(xs, ys, "o-", label=method)
-        lines += ["", "| steps | " + " | ".join(f"S-STE - STE, seed {x}" for x in seeds)
-                  + " |", "|---|" + "---|" * len(seeds)]
+        lead = {}  # (seed, steps) -> S-STE - STE, where both ran
         for x in seeds:
-            diffs = [(steps, val("sste", x, steps) - val("ste", x, steps)) for steps in lengths
-                     if val("sste", x, steps) is not None and val("ste", x, steps) is not None]
+            for steps in lengths:
+                a, b = val("sste", x, steps), val("ste", x, steps)
+                if a is not None and b is not None:
+                    lead[x, steps] = a - b
+            diffs = [(steps, lead[x, steps]) for steps in lengths if (x, steps) in lead]
             if diffs:
                 bx.plot(*zip(*diffs, strict=True), "o-", label=f"seed {x}")
+        lines += ["", "| steps | " + " | ".join(f"S-STE - STE, seed {x}" for x in seeds)
+                  + " |", "|---|" + "---|" * len(seeds)]
         for steps in lengths:
-            cells = []
-            for x in seeds:
-                a, b = val("sste", x, steps), val("ste", x, steps)
-                cells.append("-" if a is None or b is None else f"{a - b:+.4f}")
-            lines.append(f"| {steps} | " + " | ".join(cells) + " |")
+            lines.append(f"| {steps} | " + " | ".join(
+                f"{lead[x, steps]:+.4f}" if (x, steps) in lead else "-" for x in seeds) + " |")
         ax.set_xlabel("training steps")
         ax.set_ylabel("val loss - dense (nats / char), seed 1337")
         ax.set_title("gap to dense, 2:4 FFN")
