@@ -44,7 +44,8 @@ from sparsejax.analog_eval import (  # noqa: E402
     time_label,
 )
 from sparsejax.config import load_config  # noqa: E402
-from sparsejax.train import load_model, run  # noqa: E402
+from sparsejax.runs import load_model  # noqa: E402
+from sparsejax.train import run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_figure, text_data, training_wall_seconds, write_csv  # noqa: E402

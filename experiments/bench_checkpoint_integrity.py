@@ -31,7 +31,8 @@ from flax import nnx  # noqa: E402
 
 from sparsejax.checkpoint import Checkpointer, fingerprints  # noqa: E402
 from sparsejax.config import load_config  # noqa: E402
-from sparsejax.train import TrainState, build_optimizer, count_params, init_model  # noqa: E402
+from sparsejax.optim import build_optimizer  # noqa: E402
+from sparsejax.runs import TrainState, count_params, init_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,8 +25,8 @@ import numpy as np
 from flax import nnx
 
 from sparsejax.config import load_config
+from sparsejax.runs import init_model
 from sparsejax.sample import Decoder
-from sparsejax.train import init_model
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "experiments" / "results" / "bench_sampling"

@@ -37,6 +37,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sparsejax.config import load_config  # noqa: E402
+from sparsejax.optim import build_optimizer  # noqa: E402
+from sparsejax.runs import TrainState, init_model  # noqa: E402
 from sparsejax.sharding import (  # noqa: E402
     logical_axes,
     make_mesh,
@@ -47,7 +49,7 @@ from sparsejax.sharding import (  # noqa: E402
     state_shardings,
 )
 from sparsejax.tasks import build_task  # noqa: E402
-from sparsejax.train import TrainState, build_optimizer, init_model, make_train_step  # noqa: E402
+from sparsejax.train import make_train_step  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402

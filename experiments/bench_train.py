@@ -26,8 +26,9 @@ import optax
 from flax import nnx
 
 from sparsejax.config import load_config
+from sparsejax.optim import make_optimizer
 from sparsejax.tasks import build_task
-from sparsejax.train import make_optimizer, run
+from sparsejax.train import run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,10 @@ from flax import nnx
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sparsejax.config import load_config
+from sparsejax.optim import build_optimizer
+from sparsejax.runs import init_model
 from sparsejax.tasks import build_task
-from sparsejax.train import build_optimizer, init_model, make_train_step
+from sparsejax.train import make_train_step
 
 
 def scalar_events(run_dir: str | Path) -> dict[str, list]:

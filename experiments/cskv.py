@@ -36,14 +36,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from sparsejax.adapt import calibrate_from_teacher
 from sparsejax.config import load_config
-from sparsejax.train import (
-    calibrate_from_teacher,
-    evaluate_model,
-    init_model,
-    init_model_with_source,
-    run,
-)
+from sparsejax.evaluation import evaluate_model
+from sparsejax.runs import init_model, init_model_with_source
+from sparsejax.train import run
 from sparsejax.transforms.attention.cskv import cache_bytes_per_old_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -38,13 +38,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sparsejax.adapt import calibrate_from_teacher  # noqa: E402
 from sparsejax.config import load_config  # noqa: E402
-from sparsejax.train import (  # noqa: E402
-    calibrate_from_teacher,
-    evaluate_model,
-    init_model_with_source,
-    run,
-)
+from sparsejax.evaluation import evaluate_model  # noqa: E402
+from sparsejax.runs import init_model_with_source  # noqa: E402
+from sparsejax.train import run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_figure, scalars, time_variants, write_csv  # noqa: E402

@@ -32,9 +32,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sparsejax.config import load_config  # noqa: E402
+from sparsejax.evaluation import evaluate_model  # noqa: E402
 from sparsejax.nn import transform_slots  # noqa: E402
+from sparsejax.runs import init_model  # noqa: E402
 from sparsejax.tasks import build_task  # noqa: E402
-from sparsejax.train import evaluate_model, init_model, run  # noqa: E402
+from sparsejax.train import run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import read_csv, save_figure, write_csv  # noqa: E402

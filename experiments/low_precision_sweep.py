@@ -31,7 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sparsejax.config import load_config  # noqa: E402
-from sparsejax.train import NonFiniteLossError, run  # noqa: E402
+from sparsejax.errors import NonFiniteLossError  # noqa: E402
+from sparsejax.train import run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_figure, scalars, text_data, training_wall_seconds, write_csv  # noqa: E402

@@ -38,9 +38,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sparsejax.config import load_config  # noqa: E402
+from sparsejax.evaluation import evaluate_model  # noqa: E402
 from sparsejax.nn import named_layers, sparse_layers  # noqa: E402
+from sparsejax.runs import init_model, load_model  # noqa: E402
 from sparsejax.sparsity import nm_mask  # noqa: E402
-from sparsejax.train import evaluate_model, init_model, load_model, run  # noqa: E402
+from sparsejax.train import run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_figure, scalars, text_data, training_wall_seconds, write_csv  # noqa: E402

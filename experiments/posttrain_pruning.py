@@ -166,7 +166,7 @@ def summary(rows: list[dict]) -> list[dict]:
 
 def describe_dense(run_dir: Path) -> dict[str, str]:
     """What the report says about the dense run (read from its config and results)."""
-    from sparsejax.train import read_saved_config
+    from sparsejax.runs import read_saved_config
 
     cfg = read_saved_config(run_dir / "config.yaml")
     results = json.loads((run_dir / "results.json").read_text())

@@ -82,7 +82,11 @@ import hashlib, json, sys, tempfile
 import jax, numpy as np
 from flax import nnx
 from sparsejax.config import load_config
-from sparsejax.train import load_model, run
+try:
+    from sparsejax.runs import load_model
+except ImportError:  # a revision from before the run store
+    from sparsejax.train import load_model
+from sparsejax.train import run
 config, overrides = sys.argv[1], json.loads(sys.argv[2])
 d = tempfile.mkdtemp()
 base = ["train.steps=30", "train.eval_every=15", "train.eval_batches=2",

@@ -22,20 +22,26 @@ one forward pass per layer, which reaches the same fixed point for the output af
 
 from __future__ import annotations
 
-import functools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.nn import Attention, named_layers, tap_attention, transform_slots
-from sparsejax.posttrain import call_order
+from sparsejax.calibration import (
+    attention_calls,
+    attention_outputs,
+    calibration_batches,
+    call_order,
+)
+from sparsejax.config import Config
+from sparsejax.errors import ConfigError
+from sparsejax.nn import Attention, named_layers, transform_slots
 from sparsejax.transforms.attention.gaincell import head_statistics
 
-__all__ = ["AttentionReport", "attention_outputs", "calibrate_attention",
+__all__ = ["AttentionReport", "calibrate_attention", "calibrate_from_teacher",
            "output_statistics", "uncalibrated_attention"]
 
 
@@ -67,46 +73,6 @@ def uncalibrated_attention(model: nnx.Module) -> list[str]:
             and not bool(slot.state["calibrated"][...])]
 
 
-def _attention_calls(model: nnx.Module, x: jax.Array) -> list[tuple]:
-    """``(path, q, k, v, y, x)`` of every attention call of ``model(x)``, in call order."""
-    paths = {id(layer): path for path, layer in named_layers(model, (Attention,))}
-    calls: list = []
-    with tap_attention(lambda layer, q, k, v, y, x: calls.append((paths[id(layer)], q, k, v,
-                                                                    y, x))):
-        model(x)
-    return calls
-
-
-@functools.lru_cache(maxsize=64)
-def _tap_function(graphdef: nnx.GraphDef, wanted: str | None) -> Callable:
-    """The jitted ``(state, ids) -> {path: (q, k, v, y, x)}`` of the attention calls
-    (only ``wanted`` when set), cached per model structure."""
-
-    @jax.jit
-    def taps(state, ids):
-        return {path: (q, k, v, y, x) for path, q, k, v, y, x in
-                _attention_calls(nnx.merge(graphdef, state), ids)
-                if wanted is None or path == wanted}
-
-    return taps
-
-
-def attention_outputs(model: nnx.Module, batches: Sequence[np.ndarray],
-                      path: str | None = None) -> dict[str, tuple[jax.Array, ...]]:
-    """``{path: (q, k, v, y, x)}`` over the ``batches`` concatenated - ``q, k, v, y``
-    ``(N, T, H, D)`` and the module input ``x`` ``(N, T, C)`` - of every attention module
-    (or only ``path``) of ``model`` in inference form."""
-    model.eval()
-    graphdef, state = nnx.split(model)
-    taps = _tap_function(graphdef, path)
-    parts: dict[str, list] = {}
-    for x in batches:
-        for name, arrays in taps(state, jnp.asarray(x)).items():
-            parts.setdefault(name, []).append(arrays)
-    return {name: tuple(jnp.concatenate(a, axis=0) for a in zip(*chunks, strict=True))
-            for name, chunks in parts.items()}
-
-
 def output_statistics(model: nnx.Module, batches: Sequence[np.ndarray]
                       ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{path: (mean, std)}``, per head ``(H,)``, of each attention module's output."""
@@ -133,7 +99,7 @@ def calibrate_attention(model: nnx.Module, teacher: nnx.Module,
     if missing:
         raise ValueError(f"the teacher has no attention module at {missing[0]}")
     layers = dict(named_layers(model, (Attention,)))
-    order = [path for path in call_order(model, batches[0], _attention_calls)
+    order = [path for path in call_order(model, batches[0], attention_calls)
              if path in wanted]
     positions = jnp.arange(np.asarray(batches[0]).shape[-1])
     reports = []
@@ -162,3 +128,28 @@ def calibrate_attention(model: nnx.Module, teacher: nnx.Module,
                      f"{reports[-1].max_rel_error:.1e} of the teacher's std")
     model.train()
     return reports
+
+
+def calibrate_from_teacher(cfg: Config, model: nnx.Module, teacher: nnx.Module,
+                           verbose: bool = False) -> None:
+    """Calibrate, in place, the attention transforms that start from a trained model
+    (gain-cell attention's affines, CSKV's ASVD factors; ``sparsejax.adapt``) against
+    ``teacher`` (the ``train.init_from`` model, :func:`init_model_with_source`), on the
+    first training batches of the run (``calib_batches`` of the transform, the largest
+    asked), as a fresh run does before its first step."""
+    paths = uncalibrated_attention(model)
+    if not paths:
+        return
+    count = max(slot.spec.calib_batches for path, _, _, slot in transform_slots(model)
+                if path in paths)
+    start = time.perf_counter()
+    try:
+        reports = calibrate_attention(model, teacher, calibration_batches(cfg, count))
+    except ValueError as err:
+        raise ConfigError(f"train.init_from: {err}") from None
+    if verbose:
+        matched = (f" (per-head output mean and std of {len(reports)} within "
+                   f"{max(r.max_rel_error for r in reports):.1e} of the teacher's std)"
+                   if reports else "")
+        print(f"calibrated {len(paths)} attention modules from {cfg.train.init_from} "
+              f"on {count} batches in {time.perf_counter() - start:.1f} s{matched}")

@@ -72,7 +72,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         initialize(args.coordinator, args.num_processes, args.process_id)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    from sparsejax.train import NonFiniteLossError, run
+    from sparsejax.errors import NonFiniteLossError
+    from sparsejax.train import run
 
     summaries = []
     for cfg in configs:
@@ -121,7 +122,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _cmd_layers(args: argparse.Namespace) -> int:
     from sparsejax.nn import Activation, Attention, named_layers
-    from sparsejax.train import init_model
+    from sparsejax.runs import init_model
 
     cfg = load_config(args.config, args.overrides)
     model = init_model(cfg)
@@ -181,7 +182,7 @@ def _cmd_evaluate_analog(args: argparse.Namespace) -> int:
         set_eval_activation_noise,
         write_report,
     )
-    from sparsejax.train import load_model, resolve_checkpoint
+    from sparsejax.runs import load_model, resolve_checkpoint
 
     times = parse_times(args.times)
     if args.repeats < 1:

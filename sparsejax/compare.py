@@ -45,8 +45,11 @@ from typing import Any
 
 import numpy as np
 
-from sparsejax.config import CheckpointError, Config, ConfigError, to_flat_dict
+from sparsejax.checkpoint import Checkpointer
+from sparsejax.config import Config, to_flat_dict
+from sparsejax.errors import CompareError, ConfigError
 from sparsejax.nn import named_layers
+from sparsejax.runs import load_model, resolve_checkpoint
 
 __all__ = ["Comparison", "CompareError", "Loaded", "Pair", "compare_checkpoints",
            "format_rows", "layer_metrics", "load_checkpoint", "markdown_summary",
@@ -71,10 +74,6 @@ PATTERN_COLOURS = {"kept in both": KEPT_BOTH, "only A": ONLY_A, "only B": ONLY_B
                    "pruned in both": PRUNED_BOTH}
 CELL_LINE, GROUP_LINE, LEGEND_BACKGROUND = (205, 205, 205), (0, 0, 0), (236, 236, 236)
 SWATCH, LEGEND_HEIGHT = 12, 24
-
-
-class CompareError(CheckpointError):
-    """A checkpoint that cannot be found or read; the message is one line."""
 
 
 @dataclass
@@ -251,8 +250,6 @@ def pattern_tile(a: Loaded, b: Loaded, path: str) -> np.ndarray:
 def load_checkpoint(path: str | Path, step: int | None = None) -> Loaded:
     """Restore a run directory (latest checkpoint, or ``step``) or a checkpoint directory
     ``<run>/checkpoints/<step>``. Raises :class:`CompareError` (one line)."""
-    from sparsejax.train import load_model, resolve_checkpoint
-
     run_dir, step = resolve_checkpoint(path, step)
     try:
         model, cfg, step = load_model(run_dir, step)
@@ -271,8 +268,6 @@ def load_checkpoint(path: str | Path, step: int | None = None) -> Loaded:
 
 
 def _checkpoint_steps(run_dir: Path) -> list[int]:
-    from sparsejax.checkpoint import Checkpointer
-
     if not run_dir.exists():
         raise CompareError(f"checkpoint not found: {run_dir}")
     if not (run_dir / "config.yaml").is_file():
@@ -290,8 +285,6 @@ def _plan(paths: list[str | Path], steps: list[int] | None
           ) -> tuple[list[list[tuple[Path, int]]], str | None]:
     """The checkpoints to compare: a list of points, each ``[(run_dir, step)]`` per
     argument, and a note when the runs shared no step."""
-    from sparsejax.train import resolve_checkpoint
-
     targets = [resolve_checkpoint(p) for p in paths]
     have = [_checkpoint_steps(run) for run, _ in targets]
     for (run, pinned), available in zip(targets, have, strict=True):

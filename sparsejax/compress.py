@@ -31,9 +31,11 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.config import ConfigError, RuleConfig
-from sparsejax.nn import Linear, named_layers
+from sparsejax.evaluation import evaluate_model
+from sparsejax.nn import Linear, assign_rules, named_layers
 from sparsejax.numerics.signed_cuts import signed_cut_width, signed_cuts
 from sparsejax.quant import absmax_ste, quantize
+from sparsejax.runs import load_model, resolve_checkpoint, write_step_zero_run
 
 __all__ = ["COMPRESSORS", "compress_run", "compress_weight"]
 
@@ -84,8 +86,6 @@ def compress_weight(method: str, w: jax.Array, bits: float) -> tuple[jax.Array, 
 def _still_matches(model: Any, first: RuleConfig, rule: Any) -> bool:
     """Whether ``rule`` still claims a layer behind ``first`` (else it is dropped: its
     layers were all compressed)."""
-    from sparsejax.nn import assign_rules
-
     try:
         assign_rules(model, [first, rule])
     except ValueError:
@@ -103,9 +103,6 @@ def compress_run(run_dir: str | Path, out: str | Path, *, method: str, bits: flo
     (one line, nothing written) for a bad method, budget or regex, a matched layer with
     an input-quantisation or analog transform, a run without checkpoints or an existing
     ``out``."""
-    from sparsejax.posttrain import write_step_zero_run
-    from sparsejax.train import evaluate_model, load_model, resolve_checkpoint
-
     out = Path(out)
     if method not in COMPRESSORS:
         raise ConfigError(f"--method '{method}' is not one of {'|'.join(COMPRESSORS)}")

@@ -21,15 +21,18 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
+from sparsejax.corpus import read_meta
+from sparsejax.errors import CheckpointError, ConfigError
 from sparsejax.transforms import (
-    RULE_BLOCKS,
+    RuleBlock,
     SpecError,
     methods,
+    rule_blocks,
     rule_specs,
     spec_class,
     spec_fields,
@@ -47,7 +50,6 @@ __all__ = [
     "ModelConfig",
     "ModelKind",
     "OptimizerConfig",
-    "QuantRuleConfig",
     "RuleConfig",
     "TrainConfig",
     "all_keys",
@@ -57,20 +59,6 @@ __all__ = [
     "resolve_data_path",
     "to_yaml",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message is one line naming the key. ``kind`` is how the
-    command line labels it (``sparsejax: config error: ...``)."""
-
-    kind = "config error"
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint or run directory that cannot be found or read (``train.init_from``,
-    ``sparsejax compare``, ``evaluate-analog``); the message is one line naming the path."""
-
-    kind = "checkpoint error"
 
 
 # The repository holding this package (a source checkout or an editable install): relative
@@ -179,33 +167,41 @@ class CheckpointConfig:
 TransformBlock = dict[str, Any]
 
 
-@dataclass
-class QuantRuleConfig:
-    """Weights and input activations are quantised separately; either may be left out.
-    Each is a ``quant`` method's block (``{method: dat, bits: 4, ...}``)."""
+def _rule_schema() -> type:
+    """The ``RuleConfig`` dataclass, from the declared rule blocks
+    (``sparsejax.transforms.kinds``): ``path`` plus one optional block per key; a dotted
+    key (``quant.weights``) becomes a field of a nested dataclass (``quant``)."""
+    groups: dict[str, list[RuleBlock]] = {}
+    for block in rule_blocks():
+        groups.setdefault(block.key.split(".")[0], []).append(block)
+    fields: list[tuple[str, Any, Any]] = [("path", str, field(default=".*"))]
+    lines = []
+    for top, blocks in groups.items():
+        for block in blocks:
+            lines.append(f"``{block.key}`` (default method ``{block.default_method}``): "
+                         f"{block.doc}")
+        if any("." in b.key for b in blocks):
+            inner = dataclasses.make_dataclass(
+                f"{top.capitalize()}RuleConfig",
+                [(b.key.split(".", 1)[1], Optional[TransformBlock], field(default=None))  # noqa: UP045
+                 for b in blocks])
+            inner.__module__ = __name__
+            fields.append((top, Optional[inner], field(default=None)))  # noqa: UP045
+        else:
+            fields.append((top, Optional[TransformBlock], field(default=None)))  # noqa: UP045
+    schema = dataclasses.make_dataclass("RuleConfig", fields)
+    schema.__module__ = __name__
+    schema.__doc__ = (
+        "One path rule: ``path`` is a regex matched (``re.fullmatch``) against the "
+        "``/``-joined module path of each layer (``blocks/0/mlp/fc``; list them with "
+        "``sparsejax layers CONFIG``). The first matching rule wins. Blocks, each a "
+        "method's fields (``docs/methods.md``), run in this order on a layer: "
+        + "; ".join(lines) + ".")
+    return schema
 
-    weights: TransformBlock | None = None
-    activations: TransformBlock | None = None
 
-
-@dataclass
-class RuleConfig:
-    """One path rule: ``path`` is a regex matched (``re.fullmatch``) against the
-    ``/``-joined module path of each layer (``blocks/0/mlp/fc``; list them with
-    ``sparsejax layers CONFIG``). The first matching rule wins. Blocks (each a method's
-    fields, ``docs/methods.md``): ``sparsity`` (default method ``sste``) or ``prune``
-    (post-training pruning written by ``sparsejax prune``; default ``sparsegpt``), ``quant.weights``
-    / ``quant.activations`` (default ``dat``), ``analog`` (default ``tile``; linear layers
-    take its weight / output / converter fields, activation layers its ``act_*`` ones),
-    ``attention`` (default ``gaincell``; attention modules such as ``blocks/0/attn``).
-    With several, weights are pruned, then quantised, then put on the analog tile."""
-
-    path: str = ".*"
-    sparsity: TransformBlock | None = None
-    prune: TransformBlock | None = None
-    quant: QuantRuleConfig | None = None
-    analog: TransformBlock | None = None
-    attention: TransformBlock | None = None
+# Generated: a new kind of block (its declaration) adds its key here without an edit.
+RuleConfig = _rule_schema()
 
 
 @dataclass
@@ -252,9 +248,9 @@ def all_keys(schema: Any = Config, prefix: str = "") -> list[str]:
 
 def _close_matches(key: str) -> str:
     candidates = (all_keys() + [f"rules.N.{k}" for k in all_keys(RuleConfig)]
-                  + [f"rules.N.{block}.{name}" for block, kind, _ in RULE_BLOCKS
-                     for method in methods(kind)
-                     for name in spec_fields(spec_class(kind, method)())])
+                  + [f"rules.N.{block.key}.{name}" for block in rule_blocks()
+                     for method in methods(block.kind)
+                     for name in spec_fields(spec_class(block.kind, method)())])
     candidates = list(dict.fromkeys(candidates))
     key = re.sub(r"rules(\.|\[)(\d+)\]?", "rules.N", key)
     matches = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
@@ -507,8 +503,6 @@ def _resolve_vocab(cfg: Config) -> None:
     m, d = cfg.model, cfg.data
     where, data_vocab = "byte-level data", 256
     if d.source == DataSource.tokens:
-        from sparsejax.corpus import read_meta
-
         meta = read_meta(d.path) if Path(d.path).is_dir() else None
         where = f"{Path(d.path) / 'meta.json'}"
         data_vocab = None if meta is None else int(meta["vocab_size"])

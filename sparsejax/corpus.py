@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsejax.config import ConfigError
+from sparsejax.errors import PrepareError
 
 __all__ = ["EOT", "META_FORMAT", "PrepareError", "Tokenizer", "char_level_split", "prepare",
            "read_meta", "token_dtype", "train_bpe"]
@@ -45,12 +45,6 @@ EOT = "<|endoftext|>"
 OUTPUTS = ("train.bin", "val.bin", "tokenizer.json", "meta.json")
 CHUNK_BYTES = 1 << 22  # read sources 4 MiB at a time
 PIECE_BYTES = 1 << 16  # encode in pieces of ~64 KiB (a batch for the Rust encoder)
-
-
-class PrepareError(ConfigError):
-    """Bad input to ``sparsejax prepare`` or an unreadable prepared corpus (one line)."""
-
-    kind = "prepare error"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

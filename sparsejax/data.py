@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsejax.config import DataConfig, DataSource
+from sparsejax.corpus import Tokenizer, read_meta
 
 __all__ = [
     "ClassificationData",
@@ -167,8 +168,6 @@ def load_token_data(cfg: DataConfig, block_size: int, vocab_size: int) -> TokenD
         return TokenData(train=train, val=val, vocab_size=256, byte_level=True,
                          token_bytes=np.ones(256, np.int32))
     if cfg.source == DataSource.tokens:
-        from sparsejax.corpus import Tokenizer, read_meta
-
         path = Path(cfg.path)
         meta = read_meta(path) if path.is_dir() else None
         dtype, token_bytes = _BARE_TOKENS, None

@@ -23,10 +23,7 @@ weight. This module runs them on a model:
 from __future__ import annotations
 
 import copy
-import functools
-import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -38,18 +35,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.checkpoint import Checkpointer
-from sparsejax.config import ConfigError, RuleConfig, to_yaml, validate
-from sparsejax.nn import named_layers, transform_slots
-from sparsejax.nn.layers import LINEAR_STAGES, tap_linear_inputs
+from sparsejax.calibration import calibration_batches, call_order, input_grams
+from sparsejax.config import RuleConfig, validate
+from sparsejax.errors import ConfigError, PruneError
+from sparsejax.evaluation import evaluate_model
+from sparsejax.nn import Linear, named_layers, transform_slots
+from sparsejax.runs import init_model, load_model, resolve_checkpoint, write_step_zero_run
 from sparsejax.sparsity import check_nm
-from sparsejax.tasks import build_task
 from sparsejax.transforms import build_spec, methods
-from sparsejax.transforms.prune import PruneError, PruneResult, weighted_error
+from sparsejax.transforms.prune import PruneResult, weighted_error
 
-__all__ = ["LayerReport", "PruneError", "PruneResult", "calibration_batches", "call_order",
-           "save_step_zero", "write_step_zero_run",
-           "input_grams", "parse_nm", "prune_layer", "prune_model", "prune_run"]
+__all__ = ["LayerReport", "PruneError", "PruneResult", "parse_nm", "prune_layer", "prune_model",
+           "prune_run"]
 
 # Config keys of the prune rule -> the command's flags, for error messages.
 _FLAGS = {"'rules.0.prune.sparsity'": "'--sparsity'", "'rules.0.prune.n'": "'--nm'",
@@ -81,75 +78,6 @@ def prune_layer(method: str, w: jax.Array, h: jax.Array, *, sparsity: float | No
 
 
 # --------------------------------------------------------------------------- calibration
-
-
-def calibration_batches(cfg: Any, count: int, seed: int | None = None) -> list[np.ndarray]:
-    """The model inputs of the first ``count`` training batches of ``cfg``'s stream (seed
-    ``seed``, default the run's own)."""
-    cfg = copy.deepcopy(cfg)
-    if seed is not None:
-        cfg.train.seed = seed
-    task = build_task(cfg)
-    return [task.train_batch(step)["x"] for step in range(count)]
-
-
-def _calls(model: nnx.Module, x: jax.Array) -> list[tuple[str, jax.Array]]:
-    """``(layer path, input)`` of every Linear call of ``model(x)``, in call order."""
-    paths = {id(layer): path for path, layer in named_layers(model)}
-    calls: list[tuple[str, jax.Array]] = []
-    with tap_linear_inputs(lambda layer, v: calls.append((paths[id(layer)], v))):
-        model(x)
-    return calls
-
-
-def call_order(model: nnx.Module, example: np.ndarray,
-               calls: Callable[[nnx.Module, jax.Array], list[tuple]] | None = None
-               ) -> list[str]:
-    """The layer paths in the order ``model``'s forward calls them (traced once,
-    abstractly): the Linear layers, or those ``calls(model, x)`` reports as
-    ``[(path, ...), ...]`` (``sparsejax.adapt``: the attention modules)."""
-    calls = calls or _calls
-    graphdef, state = nnx.split(model)
-    order: list[str] = []
-
-    def trace(state, x):
-        order[:] = [call[0] for call in calls(nnx.merge(graphdef, state), x)]
-        return 0
-
-    jax.eval_shape(trace, state, jnp.asarray(example))
-    return list(dict.fromkeys(order))
-
-
-@functools.lru_cache(maxsize=64)
-def _gram_function(graphdef: nnx.GraphDef, wanted: frozenset[str]) -> Callable:
-    """The jitted ``(state, x) -> {path: x^T x}`` of the layers ``wanted`` (cached per
-    model structure, so a sequential pass compiles once per layer, not once per call)."""
-
-    @jax.jit
-    def grams(state, x):
-        out: dict[str, jax.Array] = {}
-        for path, v in _calls(nnx.merge(graphdef, state), x):
-            if path in wanted:
-                v = v.reshape(-1, v.shape[-1]).astype(jnp.float32)
-                out[path] = out.get(path, 0.0) + v.T @ v
-        return out
-
-    return grams
-
-
-def input_grams(model: nnx.Module, batches: Sequence[np.ndarray], paths: Sequence[str]
-                ) -> dict[str, jax.Array]:
-    """``{path: H}`` with ``H = sum over batches and tokens of x^T x`` ``(in, in)``
-    (float32) of the input of each layer in ``paths``, ``model`` as it is, in inference
-    form (a layer called several times sums over its calls)."""
-    model.eval()
-    graphdef, state = nnx.split(model)
-    grams = _gram_function(graphdef, frozenset(paths))
-    total: dict[str, jax.Array] = {}
-    for x in batches:
-        for path, g in grams(state, jnp.asarray(x)).items():
-            total[path] = total[path] + g if path in total else g
-    return total
 
 
 # --------------------------------------------------------------------------- a model
@@ -230,7 +158,7 @@ def _copy_from_source(model: nnx.Module, source: nnx.Module, pruned: Sequence[st
     """Copy, in place, every variable of ``source`` into ``model`` at the same path with
     the same shape, except the transforms of the ``pruned`` layers, whose kernels become
     the source's inference weights (its old weight transforms folded in)."""
-    stages = [f"{p}/{stage}/" for p in pruned for stage, _ in LINEAR_STAGES]
+    stages = [f"{p}/{stage}/" for p in pruned for stage, _ in Linear.stages()]
     found = dict(jax.tree_util.tree_leaves_with_path(nnx.state(source)))
     target = nnx.state(model)
     values = []
@@ -245,24 +173,6 @@ def _copy_from_source(model: nnx.Module, source: nnx.Module, pruned: Sequence[st
     for path, layer in named_layers(model):
         if path in pruned:
             layer.kernel[...] = source_layers[path].effective_kernel()
-
-
-def save_step_zero(cfg: Any, model: nnx.Module, directory: Path) -> None:
-    """The pruned model as the step-0 checkpoint of a run (fresh optimiser state), in
-    the layout the trainer writes and resumes from."""
-    from sparsejax.train import TrainState, build_optimizer
-
-    tx, _, _ = build_optimizer(cfg, model)
-    _, params, rest = nnx.split(model, nnx.Param, ...)
-    state = TrainState(params, rest, tx.init(params),
-                       jax.random.key_data(jax.random.key(cfg.train.seed)))
-    ckpt = Checkpointer(directory / "checkpoints", async_save=False)
-    try:
-        ckpt.save(0, state.as_dict(), {"step": 0, "data_position": 0,
-                                       "seed": cfg.train.seed, "items_seen": 0,
-                                       "loop_seconds": 0.0})
-    finally:
-        ckpt.close()
 
 
 def parse_nm(text: str) -> tuple[int, int]:
@@ -288,8 +198,6 @@ def prune_run(run_dir: str | Path, out: str | Path, *, method: str,
     Raises :class:`ConfigError` (one line, nothing written) for a bad method, pattern,
     sparsity or regex, a run without checkpoints, an existing ``out``, or a layer that
     cannot be pruned (e.g. a singular calibration matrix)."""
-    from sparsejax.train import evaluate_model, init_model, load_model, resolve_checkpoint
-
     out = Path(out)
     if method not in methods("prune"):
         raise ConfigError(f"--method '{method}' is not one of {'|'.join(methods('prune'))}")
@@ -343,24 +251,4 @@ def prune_run(run_dir: str | Path, out: str | Path, *, method: str,
     write_step_zero_run(out, new_cfg, model, "prune.json", report, "pruning")
     return report
 
-
-def write_step_zero_run(out: Path, cfg: Any, model: nnx.Module, report_name: str,
-                        report: dict[str, Any], what: str) -> None:
-    """Write ``model`` as the run directory ``out``: the step-0 checkpoint, ``cfg`` as
-    ``config.yaml``, ``report`` as ``report_name`` and ``results.json`` with the
-    validation metrics ``report["after"]`` (and ``report["before"]`` as
-    ``val_<metric>_before_<what>``). Written to ``.<out>.partial`` first, then renamed, so
-    an interrupted write leaves no half run at ``out``."""
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_step_zero(cfg, model, partial)
-    (partial / "config.yaml").write_text(to_yaml(cfg))
-    (partial / report_name).write_text(json.dumps(report, indent=2) + "\n")
-    (partial / "results.json").write_text(json.dumps(
-        {"run_dir": str(out), "steps": 0,
-         **{f"val_{k}": v for k, v in report["after"].items()},
-         **{f"val_{k}_before_{what}": v for k, v in report["before"].items()}},
-        indent=2) + "\n")
-    partial.rename(out)
 

@@ -26,7 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.config import Config, ConfigError, DataSource
+from sparsejax.config import Config, DataSource
+from sparsejax.corpus import Tokenizer, read_meta
+from sparsejax.errors import ConfigError
+from sparsejax.nn import pack_model
+from sparsejax.runs import load_model, resolve_checkpoint
 
 __all__ = ["Decoder", "SampleResult", "run_tokenizer", "sample", "sample_token"]
 
@@ -116,8 +120,6 @@ def run_tokenizer(cfg: Config):
     """The tokenizer a run was trained with: raw bytes (``stdlib``, ``text``, a bytes
     corpus) or the prepared corpus's ``tokenizer.json``. Raises :class:`ConfigError` for
     a bare token file (its tokenizer is unknown)."""
-    from sparsejax.corpus import Tokenizer, read_meta
-
     if cfg.data.source in (DataSource.stdlib, DataSource.text):
         return Tokenizer()
     path = Path(cfg.data.path)
@@ -136,9 +138,6 @@ def sample(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 200,
 
     An empty prompt starts from ``<|endoftext|>`` (BPE) or a newline (bytes). A prompt
     longer than the block is cut from the left, and ``message`` is told so once."""
-    from sparsejax.nn import pack_model
-    from sparsejax.train import load_model, resolve_checkpoint
-
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {max_new_tokens} must be >= 1")
     message = message or (lambda text: print(text, file=sys.stderr))

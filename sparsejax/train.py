@@ -19,11 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,66 +32,46 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sparsejax.adapt import calibrate_from_teacher
 from sparsejax.checkpoint import Checkpointer
-from sparsejax.config import (
-    CheckpointError,
-    Config,
-    ConfigError,
-    OptimizerConfig,
-    config_diff,
-    from_dict,
-    to_flat_dict,
-    to_yaml,
-)
+from sparsejax.config import Config, to_flat_dict, to_yaml
+from sparsejax.errors import ConfigError, NonFiniteLossError, OutOfMemoryError, RunDirError
+from sparsejax.evaluation import evaluate, make_eval_step
 from sparsejax.loop import StepInfo, Trainer
 from sparsejax.nn import (
-    TransformParam,
-    apply_rules,
     apply_updates,
     has_updates,
     layer_metrics,
     loss_terms,
-    param_labels,
     snapshot_changes,
     snapshots,
     transform_slots,
 )
+from sparsejax.optim import build_optimizer
 from sparsejax.reporting import Progress, TensorBoardWriter, format_table
+from sparsejax.runs import (
+    TrainState,
+    count_params,
+    init_model_with_source,
+    prepare_run_dir,
+    resolve_run_dir,
+    restore_newest_intact,
+    uncalibrated_layers,
+    write_atomic,
+)
 from sparsejax.sharding import (
     check_transform_sharding,
     logical_axes,
     make_mesh,
     process_rows,
     put_batch,
-    put_replicated,
     put_state,
     state_shardings,
     to_host,
 )
 from sparsejax.tasks import Task, build_model, build_task
-from sparsejax.transforms import ParamGroup
 
-__all__ = ["NonFiniteLossError", "RunDirError", "TrainState", "init_model", "load_model",
-           "evaluate_model", "make_optimizer", "make_train_step", "resolve_checkpoint", "run"]
-
-# Keys that may change between a run and its resumption without changing what it computes.
-RESUMABLE_KEYS = ("logging.log_every", "logging.progress", "logging.tensorboard",
-                  "train.grad_accum",  # the same update, in micro-batches
-                  "checkpoint.keep", "checkpoint.async_save",
-                  # a run may continue on another mesh (checkpoints are resharded on restore)
-                  "mesh.data", "mesh.fsdp", "mesh.tensor")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient norm became NaN/Inf; the run stopped."""
-
-
-class OutOfMemoryError(ConfigError):
-    """The model or its compiled step does not fit in the device's memory; the message is
-    one line with the parameter count and, once compiled, the step's memory estimate."""
-
-    kind = "out of memory"
-
+__all__ = ["NonFiniteLossError", "RunDirError", "make_train_step", "run"]
 
 @contextlib.contextmanager
 def _out_of_memory_in_one_line(cfg: Config, stage: str, step_bytes: Sequence[int] = ()):
@@ -121,71 +99,7 @@ def out_of_memory_message(cfg: Config, err: BaseException, stage: str,
             f"{estimate}; {first[:160]}")
 
 
-class RunDirError(ConfigError):
-    """The run directory holds something this run must not overwrite."""
-
-    kind = "run directory error"
-
-
-@dataclass
-class TrainState:
-    """Everything that evolves during training: a pytree Orbax saves as it is."""
-
-    params: nnx.State
-    rest: nnx.State
-    opt_state: optax.OptState
-    rng: jax.Array  # raw uint32 key data of the base training key
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"params": self.params, "rest": self.rest, "opt_state": self.opt_state,
-                "rng": self.rng}
-
-
 # --------------------------------------------------------------------------- building blocks
-
-
-def make_optimizer(cfg: OptimizerConfig, total_steps: int, labels: Any = None,
-                   groups: Mapping[str, ParamGroup] | None = None
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warm-up to ``lr`` then cosine decay to ``lr * min_lr_ratio``,
-    global-norm gradient clipping, and weight decay on matrices only (ndim >= 2).
-
-    ``labels`` / ``groups`` (from :func:`sparsejax.nn.param_labels`): the partition the
-    transforms ask for. Parameters labelled with a group get their own Adam with the
-    learning rate times the group's ``lr_mult`` and no weight decay (MaskLLM's logits;
-    the reference recipe uses x10); with a group's ``freeze_others`` every ``weights``
-    parameter is frozen (no update, no optimiser state). Deviation: the MaskLLM reference
-    code puts its 2-D gate tensor in the decayed group (weight decay 0.1 in its recipe);
-    decay pulls every group back towards the uniform choice, against the tau/kappa
-    annealing, so we leave it out. Returns ``(optimizer, schedule of the base rate)``."""
-    # A warm-up longer than the run (train.steps=20 on a config made for 600) is cut to
-    # the run, so that a short smoke run of any config works.
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=min(cfg.warmup_steps, total_steps - 1),
-        decay_steps=total_steps, end_value=cfg.lr * cfg.min_lr_ratio)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                     weight_decay=cfg.weight_decay, mask=decay_mask)
-    if groups:
-        frozen = any(g.freeze_others for g in groups.values())
-        parts = {"weights": optax.set_to_zero() if frozen else tx}
-        for name, group in groups.items():
-            parts[name] = optax.adam(lambda step, g=group: schedule(step) * g.lr_mult,
-                                     b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-        tx = optax.multi_transform(parts, labels)
-    if cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx), schedule
-    return tx, schedule
-
-
-def build_optimizer(cfg: Config, model: nnx.Module
-                    ) -> tuple[optax.GradientTransformation, optax.Schedule, Any]:
-    """:func:`make_optimizer` for ``cfg`` and the transforms of ``model`` (after rules);
-    also returns the labels to freeze in the train step (None when nothing is frozen)."""
-    labels, groups = param_labels(model)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, labels, groups)
-    frozen = any(g.freeze_others for g in groups.values())
-    return tx, schedule, labels if frozen else None
 
 
 def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransformation,
@@ -272,241 +186,7 @@ def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransf
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, task: Task):
-    def eval_step(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest, copy=True)
-        model.eval()  # inference form of stochastic transforms (MaskLLM: argmax masks)
-        return task.eval_sums(model, batch)
-
-    return eval_step
-
-
-def evaluate(eval_step, state: TrainState, task: Task, mesh=None) -> dict[str, float]:
-    """Validation metrics over the task's fixed batches (replicated over ``mesh`` when
-    given, so every process evaluates the same)."""
-    sums: dict[str, float] = {}
-    for batch in task.eval_batches():
-        if mesh is not None:
-            batch = put_replicated(batch, mesh)
-        for k, v in to_host(eval_step(state.params, state.rest, batch)).items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    return {k: float(v) for k, v in task.finish_eval(sums).items()}
-
-
-def resolve_checkpoint(path: str | Path, step: int | None = None
-                       ) -> tuple[Path, int | None]:
-    """``(run_dir, step)`` of a run directory (``step`` as given: None = latest) or of a
-    checkpoint directory ``<run>/checkpoints/<step>``."""
-    path = Path(path)
-    if path.parent.name == "checkpoints" and path.name.isdigit():
-        return path.parent.parent, int(path.name)
-    return path, step
-
-
-def load_params_into(model: nnx.Module, source: nnx.Module, origin: str) -> list[str]:
-    """Copy, in place, every parameter of ``source`` into the parameter of ``model`` at the
-    same path. Parameters ``source`` lacks keep their values only when they belong to a
-    transform of the target's rules (:class:`~sparsejax.nn.TransformParam`: new state,
-    e.g. MaskLLM's logits); any other missing path or shape mismatch raises
-    :class:`ConfigError` naming it. Returns the copied paths."""
-    target = nnx.state(model, nnx.Param)
-    own = {path for path, _ in jax.tree_util.tree_leaves_with_path(
-        nnx.state(model, TransformParam))}
-    loaded = dict(jax.tree_util.tree_leaves_with_path(nnx.state(source, nnx.Param)))
-    copied, values = [], []
-    for path, value in jax.tree_util.tree_leaves_with_path(target):
-        name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
-        if path not in loaded:
-            if path not in own:
-                raise ConfigError(f"train.init_from {origin} has no parameter {name}")
-            values.append(value)
-            continue
-        if loaded[path].shape != value.shape:
-            raise ConfigError(f"train.init_from {origin}: parameter {name} has shape "
-                              f"{tuple(loaded[path].shape)}, this model {tuple(value.shape)}")
-        values.append(loaded[path])
-        copied.append(name)
-    nnx.update(model, jax.tree.unflatten(jax.tree.structure(target), values))
-    return copied
-
-
-def carry_calibrated_state(model: nnx.Module, source: nnx.Module) -> list[str]:
-    """Copy, in place, the params and state of every calibrated transform of ``model``
-    (:attr:`~sparsejax.transforms.Transform.calibrated`: post-training pruning, whose masks
-    nothing recomputes) from the transform of the same method at the same layer and stage
-    of ``source``. Returns the copied paths."""
-    found = {(path, stage): slot for path, _, stage, slot in transform_slots(source)}
-    copied = []
-    for path, _, stage, slot in transform_slots(model):
-        other = found.get((path, stage))
-        if (not slot.spec.calibrated or other is None
-                or (other.spec.kind, other.spec.method) != (slot.spec.kind, slot.spec.method)):
-            continue
-        for kind in ("params", "state"):
-            theirs = getattr(other, kind)
-            for name, variable in getattr(slot, kind).items():
-                if name in theirs and theirs[name][...].shape == variable.shape:
-                    variable[...] = theirs[name][...]
-                    copied.append(f"{path}/{stage}/{kind}/{name}")
-    return copied
-
-
-def uncalibrated_layers(model: nnx.Module) -> list[str]:
-    """Paths of the layers whose calibrated transform has not been calibrated (a
-    ``prune`` rule on weights that ``sparsejax prune`` never saw)."""
-    return [path for path, _, _, slot in transform_slots(model)
-            if slot.spec.calibrated and "pruned" in slot.state
-            and not bool(slot.state["pruned"][...])]
-
-
-def evaluate_model(model: nnx.Module, cfg: Config, task: Task | None = None
-                   ) -> dict[str, float]:
-    """Validation metrics of ``model`` (in its inference form: ``model.eval()`` is applied
-    to a copy) on the fixed validation batches of ``cfg``'s task, as the trainer reports
-    them (``loss``, ``bpb`` / ``accuracy``, ...)."""
-    task = task or build_task(cfg)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    eval_step = jax.jit(make_eval_step(graphdef, task))
-    return evaluate(eval_step, TrainState(params, rest, None, None), task)
-
-
-def init_model(cfg: Config, load_init: bool = True) -> nnx.Module:
-    """The initial model of ``cfg``: built from the seed, its parameters replaced by those
-    of ``train.init_from`` when set (and ``load_init``), then configured by its rules (so
-    S-STE's beta and MaskLLM's prior see the loaded weights; the masks and factors of
-    post-training pruning are carried over from the source, :func:`carry_calibrated_state`).
-    Raises :class:`ConfigError` when a rule cannot apply or the init checkpoint does not
-    fit."""
-    return init_model_with_source(cfg, load_init)[0]
-
-
-def init_model_with_source(cfg: Config, load_init: bool = True
-                           ) -> tuple[nnx.Module, nnx.Module | None]:
-    """:func:`init_model` and the ``train.init_from`` model it loaded (None when there is
-    none): the teacher :func:`calibrate_from_teacher` calibrates against, restored once."""
-    model = build_model(cfg, nnx.Rngs(params=cfg.train.seed))
-    source = None
-    if cfg.train.init_from and load_init:
-        run_dir, step = resolve_checkpoint(cfg.train.init_from)
-        try:
-            source, _, _ = load_model(run_dir, step)
-        except ConfigError as err:  # keeps its kind: a missing checkpoint is no config error
-            raise type(err)(f"train.init_from: {err}") from None
-        load_params_into(model, source, str(cfg.train.init_from))
-    try:
-        apply_rules(model, cfg.rules, total_steps=cfg.train.steps)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if source is not None:  # masks of post-training pruning: set up above, then carried
-        carry_calibrated_state(model, source)
-    return model, source
-
-
-def load_model(run_dir: str | Path, step: int | None = None) -> tuple[nnx.Module, Config, int]:
-    """Rebuild the model of a run directory from its checkpoint (latest, or ``step``).
-
-    Returns ``(model, config, step)``; the model holds the trained parameters and the
-    non-trainable state (e.g. S-STE's beta) exactly as saved, in training mode (call
-    ``model.eval()`` for inference: MaskLLM layers then use their argmax masks). Raises
-    :class:`~sparsejax.config.CheckpointError` (one line) when the run directory or the
-    checkpoint is missing or cannot be restored.
-    """
-    run_dir = Path(run_dir)
-    config_file = run_dir / "config.yaml"
-    if not run_dir.exists():
-        raise CheckpointError(f"checkpoint not found: {run_dir}")
-    if not config_file.is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = read_saved_config(config_file)
-    model = init_model(cfg, load_init=False)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None or step not in ckpt.all_steps():
-            raise CheckpointError(f"{run_dir}: no checkpoint at step {step} "
-                                  f"(have {ckpt.all_steps()})")
-        tx, _, _ = build_optimizer(cfg, model)
-        target = TrainState(params, rest, tx.init(params),
-                            jax.random.key_data(jax.random.key(0))).as_dict()
-        state, _ = ckpt.restore(step, target)  # CheckpointError when unreadable or corrupt
-    finally:
-        ckpt.close()
-    return nnx.merge(graphdef, state["params"], state["rest"]), cfg, step
-
-
-def count_params(params: nnx.State) -> int:
-    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
-
-
 # --------------------------------------------------------------------------- run directory
-
-
-def read_saved_config(config_file: Path) -> Config:
-    """The resolved config a run wrote to ``config.yaml``; raises :class:`ConfigError`."""
-    from omegaconf import OmegaConf
-
-    return from_dict(OmegaConf.to_container(OmegaConf.load(config_file)))
-
-
-def resolve_run_dir(cfg: Config) -> Path:
-    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name
-
-
-def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
-    """Check that ``run_dir`` is new or holds this same run. Returns True when it holds a
-    run to resume. Writes nothing; raises :class:`RunDirError`."""
-    config_file = run_dir / "config.yaml"
-    if config_file.is_file():
-        try:
-            saved = read_saved_config(config_file)
-        except ConfigError as err:
-            raise RunDirError(f"{config_file} is not a valid sparsejax config ({err}); "
-                              "use another run_dir") from None
-        changed = [k for k in config_diff(saved, cfg)
-                   if k not in RESUMABLE_KEYS and k != "run_dir"]
-        if changed:
-            old, new = to_flat_dict(saved), to_flat_dict(cfg)
-            detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
-            raise RunDirError(f"{run_dir} holds a run with a different config ({detail}); "
-                              "set another name= or run_dir= to start a new run")
-        return True
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise RunDirError(f"{run_dir} exists and is not a sparsejax run directory "
-                          "(no config.yaml); set another name= or run_dir=")
-    return False
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def restore_newest_intact(ckpt: Checkpointer, target: dict[str, Any],
-                          say: Callable[[str], None] | None
-                          ) -> tuple[dict[str, Any], dict[str, Any], int]:
-    """Restore the newest checkpoint that reads back intact (fingerprints match, data
-    position consistent); ``(state, meta, step)``. Newer corrupt or unreadable ones are set
-    aside (renamed ``<step>.corrupt``, never deleted; by process 0, which ``say``s one line
-    each). Raises :class:`CheckpointError` when none is intact, renaming nothing."""
-    failures: list[tuple[int, CheckpointError]] = []
-    for step in reversed(ckpt.all_steps()):
-        try:
-            state, meta = ckpt.restore(step, target)
-            if meta.get("data_position") != step:
-                raise CheckpointError(f"checkpoint {ckpt.step_path(step)} is corrupt: it "
-                                      f"records data position {meta.get('data_position')}")
-        except CheckpointError as err:
-            failures.append((step, err))
-            continue
-        for bad, err in failures:
-            if say is not None:
-                moved = ckpt.set_aside(bad)
-                say(f"sparsejax: {err}; set aside as {moved.name}, resuming from step {step}")
-        return state, meta, step
-    raise CheckpointError(f"no intact checkpoint in {ckpt.directory} "
-                          f"({len(failures)} tried; newest: {failures[0][1]})")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -553,34 +233,6 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
         with _out_of_memory_in_one_line(cfg, "training", step_bytes):
             return _train_on_mesh(cfg, run_dir, resuming, task, model, mesh, verbose,
                                   step_bytes)
-
-
-def calibrate_from_teacher(cfg: Config, model: nnx.Module, teacher: nnx.Module,
-                           verbose: bool = False) -> None:
-    """Calibrate, in place, the attention transforms that start from a trained model
-    (gain-cell attention's affines, CSKV's ASVD factors; ``sparsejax.adapt``) against
-    ``teacher`` (the ``train.init_from`` model, :func:`init_model_with_source`), on the
-    first training batches of the run (``calib_batches`` of the transform, the largest
-    asked), as a fresh run does before its first step."""
-    from sparsejax.adapt import calibrate_attention, uncalibrated_attention
-    from sparsejax.posttrain import calibration_batches
-
-    paths = uncalibrated_attention(model)
-    if not paths:
-        return
-    count = max(slot.spec.calib_batches for path, _, _, slot in transform_slots(model)
-                if path in paths)
-    start = time.perf_counter()
-    try:
-        reports = calibrate_attention(model, teacher, calibration_batches(cfg, count))
-    except ValueError as err:
-        raise ConfigError(f"train.init_from: {err}") from None
-    if verbose:
-        matched = (f" (per-head output mean and std of {len(reports)} within "
-                   f"{max(r.max_rel_error for r in reports):.1e} of the teacher's std)"
-                   if reports else "")
-        print(f"calibrated {len(paths)} attention modules from {cfg.train.init_from} "
-              f"on {count} batches in {time.perf_counter() - start:.1f} s{matched}")
 
 
 def _initial_state(cfg: Config, model: nnx.Module, mesh: Mesh):
@@ -704,7 +356,7 @@ def _open_run_dir(cfg: Config, run_dir: Path, state: TrainState, lead: bool
         restored, meta, start = restore_newest_intact(ckpt, state.as_dict(), say)
         state, prior_seconds = TrainState(**restored), float(meta.get("loop_seconds", 0.0))
     if lead:  # after the restore: a run with no intact checkpoint is left as it was
-        _write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+        write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     return ckpt, state, start, prior_seconds
 
 
@@ -844,7 +496,7 @@ def _finish(cfg: Config, run_dir: Path, task: Task, state: TrainState, start: in
         results = {**results, **earlier, "resumed_from": start,
                    **{k: v for k, v in results.items() if k.startswith("val_")}}
     if lead:
-        _write_atomic(results_file, json.dumps(results, indent=2) + "\n")
+        write_atomic(results_file, json.dumps(results, indent=2) + "\n")
     if verbose:
         print(format_table([(k, v) for k, v in results.items() if v is not None],
                            title=f"results: {cfg.name}"), flush=True)

@@ -17,7 +17,8 @@ from flax import nnx
 from sparsejax.config import ConfigError
 from sparsejax.models import GPT
 from sparsejax.nn import Activation, Linear, analog_layers, apply_rules, named_layers
-from sparsejax.train import init_model, load_model, run
+from sparsejax.runs import init_model, load_model
+from sparsejax.train import run
 from sparsejax.transforms.analog import AnalogSpec
 from tests.conftest import REPO
 

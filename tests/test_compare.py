@@ -31,7 +31,8 @@ from sparsejax.compare import (
     random_mask_overlap,
 )
 from sparsejax.config import load_config
-from sparsejax.train import load_model, run
+from sparsejax.runs import load_model
+from sparsejax.train import run
 from tests.conftest import TINY_GPT
 
 FFN = "blocks/\\d+/mlp/(fc|proj)"

@@ -13,7 +13,9 @@ import pytest
 
 from sparsejax.compress import compress_run, compress_weight
 from sparsejax.config import ConfigError
-from sparsejax.train import evaluate_model, load_model, run
+from sparsejax.evaluation import evaluate_model
+from sparsejax.runs import load_model
+from sparsejax.train import run
 
 
 @pytest.fixture(scope="module")

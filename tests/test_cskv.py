@@ -11,7 +11,8 @@ import pytest
 
 from sparsejax.adapt import calibrate_attention, uncalibrated_attention
 from sparsejax.config import ConfigError, load_config
-from sparsejax.train import init_model, load_model, run
+from sparsejax.runs import init_model, load_model
+from sparsejax.train import run
 from sparsejax.transforms import Context, Site, build_spec
 from sparsejax.transforms.attention.cskv import (
     asvd_factors,

@@ -20,7 +20,9 @@ from sparsejax import analog, quant
 from sparsejax.checkpoint import Checkpointer
 from sparsejax.cli import main
 from sparsejax.config import CheckpointError
-from sparsejax.train import NonFiniteLossError, load_model, run
+from sparsejax.errors import NonFiniteLossError
+from sparsejax.runs import load_model
+from sparsejax.train import run
 
 STEPS = ["train.steps=30", "checkpoint.every=10"]
 # A failed Orbax read leaves its async read coroutines and event loop to the garbage

@@ -16,7 +16,8 @@ from flax import nnx
 from sparsejax.adapt import calibrate_attention, output_statistics, uncalibrated_attention
 from sparsejax.config import ConfigError, load_config
 from sparsejax.nn import Attention, Linear, named_layers, transform_slots
-from sparsejax.train import init_model, load_model, run
+from sparsejax.runs import init_model, load_model
+from sparsejax.train import run
 from sparsejax.transforms import build_spec
 from sparsejax.transforms.attention.gaincell import (
     CELL_POLYNOMIAL,

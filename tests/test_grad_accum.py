@@ -12,8 +12,10 @@ import pytest
 from flax import nnx
 
 from sparsejax.config import ConfigError, load_config
+from sparsejax.optim import build_optimizer
+from sparsejax.runs import init_model
 from sparsejax.tasks import build_task
-from sparsejax.train import build_optimizer, init_model, make_train_step, run
+from sparsejax.train import make_train_step, run
 from tests.conftest import TINY_GPT
 
 RIGL = "rules=[{path: 'blocks/\\d+/mlp/fc', sparsity: {method: rigl, sparsity: 0.8, dt: 1}}]"

@@ -12,7 +12,7 @@ import pytest
 from sparsejax.config import ConfigError
 from sparsejax.numerics import lmul
 from sparsejax.quant import fp8
-from sparsejax.train import init_model
+from sparsejax.runs import init_model
 from sparsejax.transforms import Context, Site, build_spec
 from tests.helpers.decoding import cached_logits
 

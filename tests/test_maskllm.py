@@ -15,6 +15,8 @@ from flax import nnx
 
 from sparsejax.config import ConfigError, OptimizerConfig
 from sparsejax.nn import Linear, named_layers, param_labels
+from sparsejax.optim import make_optimizer
+from sparsejax.runs import init_model, load_model
 from sparsejax.sparsity import (
     argmax_nm_mask,
     candidate_masks,
@@ -25,7 +27,7 @@ from sparsejax.sparsity import (
     mask_logits_shape,
     nm_mask,
 )
-from sparsejax.train import init_model, load_model, make_optimizer, run
+from sparsejax.train import run
 from sparsejax.transforms.sparsity import MaskLLM
 
 MASK_STAT_NAMES = ("regularizer", "entropy", "soft_hard_gap", "tau", "kappa")

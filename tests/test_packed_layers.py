@@ -16,7 +16,8 @@ from flax import nnx
 
 from sparsejax.config import ConfigError
 from sparsejax.nn import Linear, pack_model, sparse_layers
-from sparsejax.train import init_model, load_model, run
+from sparsejax.runs import init_model, load_model
+from sparsejax.train import run
 from sparsejax.transforms.sparsity import STE
 
 FFN = "blocks/\\d+/mlp/(fc|proj)"

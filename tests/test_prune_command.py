@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparsejax.calibration import calibration_batches, input_grams
 from sparsejax.cli import main
 from sparsejax.nn import named_layers, transform_slots
-from sparsejax.posttrain import calibration_batches, input_grams, prune_layer, prune_model
-from sparsejax.train import init_model, load_model, run
+from sparsejax.posttrain import prune_layer, prune_model
+from sparsejax.runs import init_model, load_model
+from sparsejax.train import run
 from tests.conftest import TINY_GPT
 from tests.test_train import _restore_raw, clean_and_killed_runs
 

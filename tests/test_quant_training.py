@@ -13,7 +13,8 @@ from flax import nnx
 from sparsejax.config import ConfigError
 from sparsejax.nn import Linear, named_layers
 from sparsejax.quant import STAT_NAMES
-from sparsejax.train import init_model, load_model, run
+from sparsejax.runs import init_model, load_model
+from sparsejax.train import run
 from sparsejax.transforms.quant import DAT, LSQ
 from sparsejax.transforms.sparsity import STE
 

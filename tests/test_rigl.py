@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from sparsejax.config import ConfigError
-from sparsejax.train import load_model, run
+from sparsejax.runs import load_model
+from sparsejax.train import run
 from sparsejax.transforms.sparsity import RigL
 from sparsejax.transforms.sparsity.rigl import rigl_drop_fraction
 from tests.unstructured_helpers import hook, mask_of, rule, sparse_linear

@@ -18,6 +18,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from sparsejax.config import ConfigError, MeshConfig
 from sparsejax.distributed import initialize, slurm_world
+from sparsejax.runs import init_model, load_model
 from sparsejax.sharding import (
     MESH_AXES,
     check_transform_sharding,
@@ -25,7 +26,7 @@ from sparsejax.sharding import (
     mesh_shape,
     spec_for,
 )
-from sparsejax.train import init_model, load_model, run
+from sparsejax.train import run
 from tests.conftest import REPO, TINY_GPT
 
 

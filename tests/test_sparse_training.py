@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from sparsejax.nn import sparse_layers
-from sparsejax.train import init_model, load_model, run
+from sparsejax.runs import init_model, load_model
+from sparsejax.train import run
 
 FFN_RULE = ("rules=[{{path: 'blocks/\\d+/mlp/(fc|proj)', "
             "sparsity: {{method: {method}, n: {n}, m: {m}, mvue: {mvue}}}}}]")

@@ -19,7 +19,8 @@ import pytest
 
 from sparsejax.checkpoint import Checkpointer
 from sparsejax.cli import main
-from sparsejax.train import NonFiniteLossError, run
+from sparsejax.errors import NonFiniteLossError
+from sparsejax.train import run
 from tests.conftest import REPO, TINY_GPT
 
 
@@ -221,7 +222,7 @@ def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
 
 def test_warmup_longer_than_the_run_is_cut_to_the_run():
     from sparsejax.config import OptimizerConfig
-    from sparsejax.train import make_optimizer
+    from sparsejax.optim import make_optimizer
 
     _, schedule = make_optimizer(OptimizerConfig(lr=1e-3, warmup_steps=50), total_steps=20)
     lrs = [float(schedule(s)) for s in range(20)]

@@ -17,7 +17,8 @@ from flax import nnx
 from sparsejax.config import ConfigError, load_config
 from sparsejax.loop import Trainer
 from sparsejax.nn import Linear, apply_rules, layer_metrics, loss_terms, param_labels
-from sparsejax.train import load_model, run
+from sparsejax.runs import load_model
+from sparsejax.train import run
 from sparsejax.transforms import (
     Context,
     ParamGroup,

@@ -10,7 +10,8 @@ import pytest
 
 from sparsejax.config import ConfigError
 from sparsejax.nn import named_layers
-from sparsejax.train import init_model, load_model, run
+from sparsejax.runs import init_model, load_model
+from sparsejax.train import run
 from sparsejax.transforms import Site
 from sparsejax.transforms.sparsity import RandomMask, erk_densities, top_k_mask
 from sparsejax.transforms.sparsity.unstructured import drop_and_grow

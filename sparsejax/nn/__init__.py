@@ -4,11 +4,10 @@ Models are assembled only from these layers so that path rules can find every li
 by its module path and give it a transform without touching model code.
 """
 
-from sparsejax.nn.attention import ATTENTION_STAGES, Attention, tap_attention
+from sparsejax.nn.attention import Attention, tap_attention
 from sparsejax.nn.layers import (
     ACTIVATIONS,
     BATCH_AXES,
-    LINEAR_STAGES,
     Activation,
     Embed,
     LayerNorm,
@@ -18,6 +17,7 @@ from sparsejax.nn.layers import (
     dropout,
     pack_model,
     shard_batch,
+    tap_linear_inputs,
 )
 from sparsejax.nn.rules import (
     analog_layers,
@@ -35,13 +35,18 @@ from sparsejax.nn.rules import (
     sparse_layers,
     transform_slots,
 )
-from sparsejax.nn.slots import TransformMetrics, TransformParam, TransformSlot, TransformState
+from sparsejax.nn.slots import (
+    TransformHost,
+    TransformMetrics,
+    TransformParam,
+    TransformSlot,
+    TransformState,
+)
 
-__all__ = ["ACTIVATIONS", "ATTENTION_STAGES", "BATCH_AXES", "LINEAR_STAGES", "Activation",
-           "Attention", "Embed", "LayerNorm",
-           "Linear", "PackedState", "TransformMetrics", "TransformParam", "TransformSlot",
-           "TransformState", "WeightOverride", "analog_layers", "apply_rules",
-           "apply_updates", "assign_rules", "dropout", "has_updates", "layer_metrics",
-           "loss_terms", "named_layers",
-           "pack_model", "param_labels", "rule_specs", "snapshot_changes", "snapshots",
-           "shard_batch", "sparse_layers", "tap_attention", "transform_slots"]
+__all__ = ["ACTIVATIONS", "BATCH_AXES", "Activation", "Attention", "Embed", "LayerNorm",
+           "Linear", "PackedState", "TransformHost", "TransformMetrics", "TransformParam",
+           "TransformSlot", "TransformState", "WeightOverride", "analog_layers",
+           "apply_rules", "apply_updates", "assign_rules", "dropout", "has_updates",
+           "layer_metrics", "loss_terms", "named_layers", "pack_model", "param_labels",
+           "rule_specs", "snapshot_changes", "snapshots", "shard_batch", "sparse_layers",
+           "tap_attention", "tap_linear_inputs", "transform_slots"]

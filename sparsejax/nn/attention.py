@@ -11,18 +11,15 @@ their own rules. Unconfigured, it is causal softmax attention.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from sparsejax.nn.slots import TransformSlot
-from sparsejax.transforms import Context, Site, Transform
+from sparsejax.nn.slots import TransformHost, TransformSlot
+from sparsejax.transforms import Site
 
-__all__ = ["ATTENTION_STAGES", "Attention", "tap_attention"]
-
-ATTENTION_STAGES = ("attention",)
+__all__ = ["Attention", "tap_attention"]
 
 Tap = Callable[["Attention", jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None],
               None]
@@ -42,34 +39,25 @@ def tap_attention(fn: Tap) -> Iterator[None]:
         _TAPS.remove(fn)
 
 
-class Attention(nnx.Module):
+class Attention(TransformHost):
     """Base of attention modules with ``n_head`` heads of ``head_dim``: :meth:`attend` is
     causal softmax attention (scale ``1 / sqrt(head_dim)``) until :meth:`configure` gives
-    it an ``attention`` transform. Subclasses call ``super().__init__`` and compute their
-    projections themselves."""
+    it an attention transform (a stage the rule blocks declare for ``attention`` layers).
+    Subclasses call ``super().__init__`` and compute their projections themselves."""
+
+    layer_type = "attention"
 
     def __init__(self, n_head: int, head_dim: int):
         self.n_head, self.head_dim = n_head, head_dim
-        self.attention: TransformSlot | None = nnx.data(None)
-        self.seed = 0
-        self.deterministic = False
-
-    def configure(self, specs: Mapping[str, Transform], seed: int = 0) -> None:
-        """``{"attention": spec}`` (or ``{}`` to restore softmax); ``seed`` keys draws."""
-        unknown = set(specs) - set(ATTENTION_STAGES)
-        if unknown:
-            raise ValueError(f"an attention module takes only an attention transform, got "
-                             f"{sorted(unknown)}")
-        self.seed = seed
-        spec = specs.get("attention")
-        self.attention = None if spec is None else TransformSlot(
-            spec, self.site("attention"), None, seed)
+        self._init_stages()
 
     def site(self, stage: str = "attention") -> Site:
         return Site("attention", (self.n_head, self.head_dim))
 
-    def slots(self) -> list[tuple[str, TransformSlot]]:
-        return [] if self.attention is None else [("attention", self.attention)]
+    @property
+    def attention_slot(self) -> TransformSlot | None:
+        """The configured attention transform, or None (softmax)."""
+        return next((slot for _, slot in self.slots()), None)
 
     def kv_projection(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """``(W_k, b_k, W_v, b_v)``: the inference weights ``(in, H * D)`` and biases
@@ -87,7 +75,7 @@ class Attention(nnx.Module):
         keys at or before its position (a KV cache's unwritten tail is thus hidden).
         ``x`` ``(B, L, C)``: the module's input that produced ``k``, ``v`` (for transforms
         that re-project it)."""
-        if self.attention is None:
+        if self.attention_slot is None:
             if q_positions is None:
                 y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
             else:
@@ -96,8 +84,8 @@ class Attention(nnx.Module):
                                                  mask=visible[None, None])
         else:
             positions = jnp.arange(q.shape[1]) if q_positions is None else q_positions
-            ctx = Context(not self.deterministic, jax.random.key(self.seed))
-            y = self.attention.attend(q, k, v, positions, ctx, x)
+            ctx = self.context()
+            y = self.attention_slot.attend(q, k, v, positions, ctx, x)
         for tap in _TAPS:
             tap(self, q, k, v, y, x)
         return y
@@ -107,8 +95,8 @@ class Attention(nnx.Module):
         """An empty decoding cache of ``length`` positions: ``{"k", "v"}`` of shape
         ``(batch, length, H, D)``, or the layout of the attention transform when it keeps
         its own (a compressed cache)."""
-        if self.attention is not None and self.attention.spec.has_cache:
-            return self.attention.spec.init_cache(self.site(), batch, length, dtype)
+        if self.attention_slot is not None and self.attention_slot.spec.has_cache:
+            return self.attention_slot.spec.init_cache(self.site(), batch, length, dtype)
         shape = (batch, length, self.n_head, self.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
@@ -119,9 +107,9 @@ class Attention(nnx.Module):
         of the tokens at ``pos .. pos + T - 1``; they are written into ``cache`` and each
         query attends to the cached positions up to its own. Returns the output and the
         cache; the same numbers as :meth:`attend` on the whole sequence."""
-        if self.attention is not None and self.attention.spec.has_cache:
-            ctx = Context(not self.deterministic, jax.random.key(self.seed))
-            return self.attention.attend_cached(q, k, v, x, cache, pos, ctx)
+        if self.attention_slot is not None and self.attention_slot.spec.has_cache:
+            ctx = self.context()
+            return self.attention_slot.attend_cached(q, k, v, x, cache, pos, ctx)
         start = (0, pos, 0, 0)
         keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
         values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)

@@ -17,17 +17,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.kernels.nm_matmul import PackedNM, nm_matmul
-from sparsejax.nn.slots import TransformSlot
-from sparsejax.transforms import (
-    WEIGHT_STAGES,
-    Context,
-    Site,
-    Transform,
-    check_pipeline,
-    select_matmul,
-)
+from sparsejax.nn.slots import TransformHost, TransformSlot
+from sparsejax.transforms import Site, Transform, check_pipeline, select_matmul
 
-__all__ = ["ACTIVATIONS", "BATCH_AXES", "LINEAR_STAGES", "Activation", "Embed", "LayerNorm",
+__all__ = ["ACTIVATIONS", "BATCH_AXES", "Activation", "Embed", "LayerNorm",
            "Linear", "PackedState", "WeightOverride", "dropout", "pack_model", "shard_batch",
            "tap_linear_inputs"]
 
@@ -35,13 +28,6 @@ Axes = tuple[str | None, ...]
 Initializer = nnx.initializers.Initializer
 DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()
 DEFAULT_EMBED_INIT = nnx.initializers.normal(0.02)
-
-# The stages of a Linear's pipeline, in the order they run: (attribute, site role).
-# The input transform comes first; then the weight transforms in this stated order -
-# sparsify, then quantise, then the analog tile - and the matmul the pipeline selects.
-LINEAR_STAGES = (("act_quant", "activations"),
-                 *((stage, "weights") for stage in WEIGHT_STAGES))
-
 
 # Functions that see every Linear's input (``tap_linear_inputs``); empty in normal use.
 _INPUT_TAPS: list[Callable[[Linear, jax.Array], None]] = []
@@ -69,14 +55,15 @@ class WeightOverride(nnx.Variable):
     ``sparsejax.analog_eval``); the selected matmul still runs on it. Never trained."""
 
 
-class Linear(nnx.Module):
+class Linear(TransformHost):
     """``y = x @ W + b`` with ``W`` of shape ``(in_features, out_features)``.
 
     Axis 0 of ``W`` is the contracting axis: N:M groups and quantisation blocks run along
     it (``docs/methods.md``, conventions). A layer is dense and full precision until
     :meth:`configure` (called by path rules, ``sparsejax.nn.apply_rules``) gives it
-    transforms, which run as a pipeline (:data:`LINEAR_STAGES`): the input transform, the
-    weight transforms in order, then the matmul the pipeline selects
+    transforms, which run as a pipeline (the stages the rule blocks declare for
+    ``linear`` layers, in their order: the input transform, the weight transforms -
+    sparsify, quantise, the analog tile - then the matmul the pipeline selects
     (``sparsejax.transforms.select_matmul``; plain ``x @ W`` when none), then the bias.
 
     Args:
@@ -100,40 +87,31 @@ class Linear(nnx.Module):
                                             jnp.float32), logical_axes=self.axes)
         self.bias = (nnx.Param(jnp.zeros((out_features,), jnp.float32),
                                logical_axes=self.axes[1:]) if use_bias else None)
-        for name, _ in LINEAR_STAGES:
-            setattr(self, name, nnx.data(None))
-        self.seed = 0
+        self._init_stages()
         self.override: WeightOverride | None = nnx.data(None)
         self.packed_values: nnx.Param | None = nnx.data(None)
         self.packed_meta: PackedState | None = nnx.data(None)
         self.packed_nm: tuple[int, int] | None = None
-        self.deterministic = False
 
-    def configure(self, specs: Mapping[str, Transform], seed: int = 0) -> None:
-        """Give this layer its transforms, ``{stage: spec}`` with stages from
-        :data:`LINEAR_STAGES` (others are removed). ``seed`` keys their draws. Every
-        weight transform is set up from the current kernel. Raises ``ValueError`` (a
-        ``SpecError`` naming the field for a combination the pipeline refuses)."""
-        unknown = set(specs) - {name for name, _ in LINEAR_STAGES}
-        if unknown:
-            raise ValueError(f"unknown Linear stage(s) {sorted(unknown)}")
-        check_pipeline([specs[n] for n, role in LINEAR_STAGES
+    layer_type = "linear"
+
+    def check_specs(self, specs: Mapping[str, Transform]) -> None:
+        """The weight transforms, in pipeline order, must combine (``check_pipeline``)."""
+        check_pipeline([specs[n] for n, role in self.stages()
                         if role == "weights" and n in specs])
-        self.seed = seed
-        for name, role in LINEAR_STAGES:
-            x = self.kernel[...] if role == "weights" else None
-            setattr(self, name, None if specs.get(name) is None else TransformSlot(
-                specs[name], self.site(name), x, seed, self.axes))
+
+    def setup_tensor(self, role: str) -> jax.Array | None:
+        """Weight transforms are set up from the current kernel."""
+        return self.kernel[...] if role == "weights" else None
+
+    def slot_axes(self, role: str) -> tuple[str | None, ...]:
+        return self.axes
 
     def site(self, stage: str) -> Site:
-        """Where the transform of ``stage`` (:data:`LINEAR_STAGES`) acts."""
-        role = dict(LINEAR_STAGES)[stage]
+        """Where the transform of ``stage`` acts: the kernel, or the input features."""
+        role = dict(self.stages())[stage]
         return Site(role, tuple(self.kernel.shape) if role == "weights"
                     else (self.in_features,))
-
-    def slots(self) -> list[tuple[str, TransformSlot]]:
-        """``[(stage, slot), ...]`` of the configured stages, in pipeline order."""
-        return [(n, getattr(self, n)) for n, _ in LINEAR_STAGES if getattr(self, n) is not None]
 
     def _weight_slots(self) -> list[TransformSlot]:
         return [s for _, s in self.slots() if s.role == "weights"]
@@ -165,15 +143,27 @@ class Linear(nnx.Module):
         ``nnx.Param``, positions as :class:`PackedState`), optionally cast to ``dtype``;
         the forward GEMM then runs ``sparsejax.kernels.nm_matmul``. The weight
         transforms, already applied to the packed values, are dropped."""
+        packer = self.packer()
+        if packer is None:
+            raise ValueError("only a layer whose weight transform has an inference packing "
+                             "(N:M sparsity with m <= 4) can be packed")
         w = self.effective_kernel()
-        packed = None if self.sparsity is None else self.sparsity.spec.pack(
-            w.astype(dtype or w.dtype))
-        if packed is None:
-            raise ValueError("only an N:M sparse layer with m <= 4 can be packed")
+        packed = packer.pack(w.astype(dtype or w.dtype))
         self.packed_values, self.packed_meta = nnx.Param(packed.values), PackedState(packed.meta)
         self.packed_nm = (packed.n, packed.m)
         self.kernel = nnx.data(None)
-        self.sparsity = self.weight_quant = None
+        for stage, slot in self.slots():
+            if slot.role == "weights":
+                setattr(self, stage, None)
+
+    def packer(self) -> Transform | None:
+        """The weight transform whose inference packing (:meth:`Transform.pack`) this
+        layer's weight would take, or None (no transform packs it, or already packed)."""
+        if self.packed_values is not None:
+            return None
+        dense = jax.ShapeDtypeStruct(self.kernel.shape, self.kernel.dtype)
+        return next((s.spec for s in self._weight_slots()
+                     if jax.eval_shape(s.spec.pack, dense) is not None), None)
 
     @property
     def packed(self) -> PackedNM | None:
@@ -186,10 +176,11 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x``: ``(..., in_features)`` -> ``(..., out_features)``."""
         dtype = self.dtype or x.dtype
-        ctx = Context(not self.deterministic, jax.random.key(self.seed))
+        ctx = self.context()
         x = x.astype(dtype)
-        if self.act_quant is not None:
-            x = self.act_quant(x, ctx)
+        for _, slot in self.slots():
+            if slot.role == "activations":
+                x = slot(x, ctx)
         for tap in _INPUT_TAPS:
             tap(self, x)
         if self.packed is not None:
@@ -214,53 +205,46 @@ ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "tanh": jnp.tanh,
                "sigmoid": jax.nn.sigmoid}
 
 
-class Activation(nnx.Module):
+class Activation(TransformHost):
     """An elementwise activation (``fn`` in :data:`ACTIVATIONS`) as a module, so that path
     rules can find it: a transform acting on ``outputs`` (the analog tile's activation
     noise, Duque et al. 2024) changes its output. Holds no state until configured."""
+
+    layer_type = "activation"
 
     def __init__(self, fn: str = "gelu"):
         if fn not in ACTIVATIONS:
             raise ValueError(f"activation '{fn}' is not one of {sorted(ACTIVATIONS)}")
         self.fn = fn
-        self.analog: TransformSlot | None = nnx.data(None)
-        self.seed = 0
-        self.deterministic = False
+        self._init_stages()
 
-    def configure(self, specs: Mapping[str, Transform], seed: int = 0) -> None:
-        """``{"analog": spec}`` (or ``{}`` to remove it); ``seed`` keys the draws."""
-        unknown = set(specs) - {"analog"}
-        if unknown:
-            raise ValueError(f"an Activation takes only an analog transform, got {sorted(unknown)}")
-        self.seed = seed
-        spec = specs.get("analog")
-        self.analog = None if spec is None else TransformSlot(spec, Site("outputs", (1,)),
-                                                              None, seed)
-
-    def slots(self) -> list[tuple[str, TransformSlot]]:
-        return [] if self.analog is None else [("analog", self.analog)]
+    def site(self, stage: str) -> Site:
+        """Every stage acts on the output, elementwise (statistics over one entry)."""
+        return Site(dict(self.stages())[stage], (1,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = ACTIVATIONS[self.fn](x)
-        if self.analog is None:
-            return y
-        return self.analog(y, Context(not self.deterministic, jax.random.key(self.seed)))
+        slots = self.slots()
+        if slots:
+            ctx = self.context()
+            for _, slot in slots:
+                y = slot(y, ctx)
+        return y
 
 
 def pack_model(model: nnx.Module, dtype: jnp.dtype | None = None) -> list[str]:
-    """Convert, in place, every sparse ``Linear`` whose sparsity method has a packed form
+    """Convert, in place, every ``Linear`` whose weight transform has a packed form
     (N:M with ``m <= 4``) smaller than its dense kernel into that form
     (:meth:`Linear.pack`). Returns the packed layer paths. The packed size comes from the
     format itself (``jax.eval_shape`` of the packing): a layer whose group padding would
     make it no smaller stays dense."""
     packed = []
     for path, layer in nnx.iter_graph(model):
-        if not isinstance(layer, Linear) or layer.sparsity is None or layer.packed is not None:
+        packer = layer.packer() if isinstance(layer, Linear) else None
+        if packer is None:
             continue
         dense = jax.ShapeDtypeStruct(layer.kernel.shape, dtype or layer.kernel.dtype)
-        shapes = jax.eval_shape(layer.sparsity.spec.pack, dense)
-        if shapes is None:
-            continue
+        shapes = jax.eval_shape(packer.pack, dense)
         packed_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes))
         if packed_bytes >= dense.size * dense.dtype.itemsize:
             continue

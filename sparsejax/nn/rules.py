@@ -27,23 +27,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.nn.attention import Attention
 from sparsejax.nn.layers import Activation, Linear
-from sparsejax.nn.slots import TransformSlot
-from sparsejax.transforms import RULE_BLOCKS, Context, ParamGroup, Site, rule_field, rule_specs
+from sparsejax.nn.slots import TransformHost, TransformSlot
+from sparsejax.transforms import (
+    LAYER_TYPE_NAMES,
+    Context,
+    ParamGroup,
+    log_keys,
+    rule_blocks,
+    rule_field,
+    rule_specs,
+)
 
 __all__ = ["analog_layers", "apply_rules", "apply_updates", "assign_rules", "has_updates",
            "layer_metrics", "loss_terms",
            "named_layers", "param_labels", "rule_specs", "snapshot_changes", "snapshots",
            "sparse_layers", "transform_slots"]
 
-# How a stage's metrics are logged: (per-layer key prefix, aggregate key prefix).
-STAGE_LOG_KEYS = {"sparsity": ("sparsity/{path}", "sparsity"),
-                  "weight_quant": ("quant/{path}/weights", "quant/weights"),
-                  "act_quant": ("quant/{path}/activations", "quant/activations"),
-                  "analog": ("analog/{path}", "analog"),
-                  "attention": ("attention/{path}", "attention")}
-LAYER_TYPES = (Linear, Activation, Attention)  # the layers rules configure
+LAYER_TYPES = (TransformHost,)  # the layers rules configure
 
 
 def named_layers(model: nnx.Module, types: tuple[type, ...] = (Linear,)
@@ -54,15 +55,20 @@ def named_layers(model: nnx.Module, types: tuple[type, ...] = (Linear,)
             for path, node in nnx.iter_graph(model) if isinstance(node, types)]
 
 
-def _eligible(rule: Any, linears: list[str], activations: list[str], attentions: list[str]
-              ) -> list[str]:
-    """The layer paths ``rule`` may claim (module docstring)."""
-    blocks = [key.split(".")[0] for key, _, _ in RULE_BLOCKS
-              if rule_field(rule, key.split(".")[0]) is not None]
-    has = set(blocks)
-    return ((linears if has - {"attention"} or not has else [])
-            + (activations if "analog" in has else [])
-            + (attentions if "attention" in has else []))
+def _block(rule: Any, key: str) -> Any:
+    """The block at the dotted ``key`` of a rule (None when absent)."""
+    block = rule
+    for part in key.split("."):
+        block = None if block is None else rule_field(block, part)
+    return block
+
+
+def _claimed_types(rule: Any) -> list[str]:
+    """The layer types ``rule`` may claim: those its blocks' declarations name (a rule
+    with no block at all, a dense one, claims linear layers)."""
+    present = [b for b in rule_blocks() if _block(rule, b.key) is not None]
+    claimed = {t for b in present for t in b.layers} if present else {"linear"}
+    return [t for t in LAYER_TYPE_NAMES if t in claimed]
 
 
 def assign_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
@@ -74,14 +80,15 @@ def assign_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
     Raises ``ValueError`` naming the rule and listing the layer paths when a rule matches
     no layer (a typo in a pattern must not silently train a dense model).
     """
-    linears = [path for path, _ in named_layers(model, (Linear,))]
-    activations = [path for path, _ in named_layers(model, (Activation,))]
-    attentions = [path for path, _ in named_layers(model, (Attention,))]
+    hosts = {t: [] for t in LAYER_TYPE_NAMES}
+    for path, layer in named_layers(model, LAYER_TYPES):
+        hosts[layer.layer_type].append(path)
+    activations = hosts["activation"]
     compiled = [re.compile(rule.path if not isinstance(rule, dict) else rule["path"])
                 for rule in rules]
-    eligible = [_eligible(rule, linears, activations, attentions) for rule in rules]
+    eligible = [[p for t in _claimed_types(rule) for p in hosts[t]] for rule in rules]
     assignment: dict[str, int] = {}
-    for path in linears + activations + attentions:
+    for path in [p for t in LAYER_TYPE_NAMES for p in hosts[t]]:
         for i, pattern in enumerate(compiled):
             if path in eligible[i] and pattern.fullmatch(path):
                 assignment[path] = i
@@ -117,7 +124,7 @@ def apply_rules(model: nnx.Module, rules: Sequence[Any], total_steps: int | None
         try:
             for stage, (_, spec) in rule_specs(rule).items():
                 targets = [p for p in paths if _takes(layers[p], stage)]
-                sites = [_site(layers[p], stage) for p in targets]
+                sites = [layers[p].site(stage) for p in targets]
                 for path, layer_spec in zip(targets, spec.bind(total_steps).plan(sites),
                                             strict=True):
                     planned[path][stage] = layer_spec
@@ -131,16 +138,9 @@ def apply_rules(model: nnx.Module, rules: Sequence[Any], total_steps: int | None
     return assignment
 
 
-def _takes(layer: nnx.Module, stage: str) -> bool:
+def _takes(layer: TransformHost, stage: str) -> bool:
     """Whether ``layer`` has the pipeline stage ``stage``."""
-    if isinstance(layer, Attention):
-        return stage == "attention"
-    return stage == "analog" if isinstance(layer, Activation) else stage != "attention"
-
-
-def _site(layer: nnx.Module, stage: str) -> Site:
-    """The site a stage of ``layer`` is (for :meth:`~sparsejax.transforms.Transform.plan`)."""
-    return Site("outputs", (1,)) if isinstance(layer, Activation) else layer.site(stage)
+    return stage in dict(layer.stages())
 
 
 def transform_slots(model: nnx.Module
@@ -189,9 +189,9 @@ def layer_metrics(before: nnx.Module, after: nnx.Module) -> dict[str, jax.Array]
     """Every transform's metrics between the model before and after one optimiser step:
     those of its last call (recorded by the step's forward) and its
     :meth:`~sparsejax.transforms.Transform.step_metrics`. Keys: ``<prefix>/<name>`` per
-    layer and the size-weighted ``<aggregate>/<name>`` (prefixes in
-    :data:`STAGE_LOG_KEYS`: ``sparsity/<path>/flip_rate``, ``sparsity/flip_rate``,
-    ``quant/<path>/weights/mse``, ``quant/weights/mse``, ...)."""
+    layer and the size-weighted ``<aggregate>/<name>`` (prefixes declared by the rule
+    blocks, :func:`~sparsejax.transforms.log_keys`: ``sparsity/<path>/flip_rate``,
+    ``sparsity/flip_rate``, ``quant/<path>/weights/mse``, ``quant/weights/mse``, ...)."""
     old = {(p, stage): (layer, slot) for p, layer, stage, slot in transform_slots(before)}
     out: dict[str, jax.Array] = {}
     totals: dict[str, list[tuple[jax.Array, int]]] = {}
@@ -200,7 +200,7 @@ def layer_metrics(before: nnx.Module, after: nnx.Module) -> dict[str, jax.Array]
         metrics = {**slot.metric_values(),
                    **slot.spec.step_metrics(slot.site, old_slot.view(_raw(old_layer, old_slot)),
                                             slot.view(_raw(layer, slot)))}
-        per_layer, aggregate = STAGE_LOG_KEYS[stage]
+        per_layer, aggregate = log_keys(stage)
         for name, value in metrics.items():
             out[f"{per_layer.format(path=path)}/{name}"] = value
             if name not in slot.spec.per_layer_metrics:
@@ -218,7 +218,7 @@ def snapshots(model: nnx.Module) -> dict[str, dict[str, jax.Array]]:
         snap = slot.spec.snapshot(slot.site, slot.view(_raw(layer, slot)))
         if snap is None:
             continue
-        per_layer, aggregate = STAGE_LOG_KEYS[stage]
+        per_layer, aggregate = log_keys(stage)
         name = f"{slot.spec.snapshot_name}_changed"
         out.setdefault(f"{aggregate}/{name}", {})[f"{per_layer.format(path=path)}/{name}"] = snap
     return out

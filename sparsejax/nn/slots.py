@@ -5,13 +5,17 @@ like any other variable. The pure hooks of the spec do the work."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.transforms import Context, Site, Transform, View
+from sparsejax.transforms import Context, Site, Transform, View, layer_stages
 
-__all__ = ["TransformMetrics", "TransformParam", "TransformSlot", "TransformState"]
+__all__ = ["TransformHost", "TransformMetrics", "TransformParam", "TransformSlot",
+           "TransformState"]
 
 
 class TransformParam(nnx.Param):
@@ -124,3 +128,66 @@ class TransformSlot(nnx.Module):
         """``x`` in inference form and the metrics of that call (no draws, no state
         change)."""
         return self.spec.inference(x, _values(self.params), _values(self.state), self.site)
+
+
+class TransformHost(nnx.Module):
+    """Base of the layers path rules configure (``Linear``, ``Activation``, ``Attention``).
+
+    A layer's stages are those the rule blocks declare for its ``layer_type``
+    (:func:`~sparsejax.transforms.layer_stages`), in pipeline order; each is an attribute
+    holding a :class:`TransformSlot` or None. Subclasses call :meth:`_init_stages` in their
+    ``__init__`` and say where a stage acts (:meth:`site`), which tensor a transform is set
+    up from (:meth:`setup_tensor`) and the logical axes of its params (:meth:`slot_axes`).
+    """
+
+    layer_type: ClassVar[str] = ""
+
+    def _init_stages(self) -> None:
+        for stage, _ in self.stages():
+            setattr(self, stage, nnx.data(None))
+        self.seed = 0
+        self.deterministic = False
+
+    @classmethod
+    def stages(cls) -> tuple[tuple[str, str], ...]:
+        """``((stage, site role), ...)`` of this layer type, in pipeline order."""
+        return layer_stages(cls.layer_type)
+
+    def site(self, stage: str) -> Site:
+        """Where the transform of ``stage`` acts."""
+        raise NotImplementedError
+
+    def setup_tensor(self, role: str) -> jax.Array | None:
+        """The tensor a transform of ``role`` is set up from (None: none)."""
+        return None
+
+    def slot_axes(self, role: str) -> tuple[str | None, ...]:
+        """The logical axes a transform of ``role`` derives its params' axes from."""
+        return (None, None)
+
+    def check_specs(self, specs: Mapping[str, Transform]) -> None:
+        """Raise ``ValueError`` for a combination of transforms this layer refuses."""
+
+    def configure(self, specs: Mapping[str, Transform], seed: int = 0) -> None:
+        """Give this layer its transforms, ``{stage: spec}`` (stages left out are removed);
+        ``seed`` keys their draws. Raises ``ValueError`` (a ``SpecError`` naming the field
+        for a combination the layer refuses)."""
+        names = [name for name, _ in self.stages()]
+        unknown = set(specs) - set(names)
+        if unknown:
+            raise ValueError(f"a {self.layer_type} layer takes only {'|'.join(names)} "
+                             f"transforms, got {sorted(unknown)}")
+        self.check_specs(specs)
+        self.seed = seed
+        for name, role in self.stages():
+            spec = specs.get(name)
+            setattr(self, name, None if spec is None else TransformSlot(
+                spec, self.site(name), self.setup_tensor(role), seed, self.slot_axes(role)))
+
+    def slots(self) -> list[tuple[str, TransformSlot]]:
+        """``[(stage, slot), ...]`` of the configured stages, in pipeline order."""
+        return [(n, getattr(self, n)) for n, _ in self.stages() if getattr(self, n) is not None]
+
+    def context(self) -> Context:
+        """The call context of this layer's transforms (training flag, base key)."""
+        return Context(not self.deterministic, jax.random.key(self.seed))

@@ -8,9 +8,6 @@ register themselves by name when this package is imported. Adding a method:
 
 from sparsejax.transforms import analog, attention, prune, quant, sparsity
 from sparsejax.transforms.base import (
-    DEFAULT_METHOD,
-    RULE_BLOCKS,
-    WEIGHT_STAGES,
     Context,
     Metrics,
     ParamGroup,
@@ -28,9 +25,19 @@ from sparsejax.transforms.base import (
     spec_class,
     spec_fields,
 )
+from sparsejax.transforms.kinds import (
+    LAYER_TYPE_NAMES,
+    RuleBlock,
+    declare_block,
+    default_method,
+    layer_stages,
+    log_keys,
+    rule_blocks,
+    weight_stages,
+)
 
-__all__ = ["DEFAULT_METHOD", "RULE_BLOCKS", "WEIGHT_STAGES", "Context", "Metrics",
-           "ParamGroup", "Site", "SpecError", "Transform", "View", "analog", "attention",
-           "build_spec",
-           "check_pipeline", "methods", "prune", "quant", "register", "rule_field", "rule_specs",
-           "select_matmul", "spec_class", "spec_fields", "sparsity"]
+__all__ = ["LAYER_TYPE_NAMES", "Context", "Metrics", "ParamGroup", "RuleBlock", "Site",
+           "SpecError", "Transform", "View", "analog", "attention", "build_spec",
+           "check_pipeline", "declare_block", "default_method", "layer_stages", "log_keys",
+           "methods", "prune", "quant", "register", "rule_blocks", "rule_field", "rule_specs",
+           "select_matmul", "spec_class", "spec_fields", "sparsity", "weight_stages"]

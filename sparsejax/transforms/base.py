@@ -26,23 +26,16 @@ from typing import Any, ClassVar, NamedTuple
 
 import jax
 
-__all__ = ["DEFAULT_METHOD", "RULE_BLOCKS", "WEIGHT_STAGES", "Context", "Metrics",
+from sparsejax.errors import SpecError
+from sparsejax.transforms.kinds import default_method, rule_blocks, weight_stages
+
+__all__ = ["Context", "Metrics",
            "ParamGroup", "Site", "SpecError", "Transform", "View", "build_spec",
            "check_pipeline", "methods", "register", "rule_field", "rule_specs",
            "select_matmul", "spec_class", "spec_fields"]
 
 Metrics = dict[str, jax.Array]
 State = dict[str, jax.Array]
-
-
-class SpecError(ValueError):
-    """A spec field that cannot be used; ``field`` names it, so the config reports
-    ``rules.<i>.<block>.<field>``. ``unknown``: the field does not exist for the method."""
-
-    def __init__(self, field: str, message: str, *, unknown: bool = False):
-        super().__init__(message)
-        self.field = field
-        self.unknown = unknown
 
 
 class Site(NamedTuple):
@@ -96,14 +89,11 @@ class ParamGroup:
 
 
 _REGISTRY: dict[str, dict[str, type[Transform]]] = {}
-# The method a block without ``method:`` gets (the configs' historical defaults).
-DEFAULT_METHOD = {"sparsity": "sste", "quant": "dat", "analog": "tile", "prune": "sparsegpt",
-                  "attention": "gaincell"}
 
 
 def register(kind: str, method: str):
     """Class decorator: make a spec class available to configs as ``{kind}: {method:
-    <method>}`` (``kind``: ``sparsity``, ``quant`` or ``analog``)."""
+    <method>}`` (``kind``: one declared by a rule block, ``sparsejax.transforms.kinds``)."""
 
     def wrap(cls: type[Transform]) -> type[Transform]:
         table = _REGISTRY.setdefault(kind, {})
@@ -138,9 +128,10 @@ def _close(name: str, options: Sequence[str]) -> str:
 
 def build_spec(kind: str, fields: Mapping[str, Any]) -> Transform:
     """The spec of a config block: ``{"method": name, <field>: value, ...}`` (``method``
-    defaults to :data:`DEFAULT_METHOD`). Raises :class:`SpecError` naming the field."""
+    defaults to the kind's declared one, :func:`~sparsejax.transforms.kinds.default_method`).
+    Raises :class:`SpecError` naming the field."""
     fields = dict(fields)
-    cls = spec_class(kind, fields.pop("method", DEFAULT_METHOD[kind]))
+    cls = spec_class(kind, fields.pop("method", default_method(kind)))
     known = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
     for name, value in list(fields.items()):
         if name in known:
@@ -391,17 +382,6 @@ class Transform:
         return self.method + (f"({','.join(changed)})" if changed else "")
 
 
-# The transform blocks of a path rule: (config key, kind, Linear stage). ``quant`` is split
-# by the tensor it acts on; a new *method* needs none of this, a new *kind* of block does.
-RULE_BLOCKS = (("sparsity", "sparsity", "sparsity"),
-               ("prune", "prune", "sparsity"),
-               ("quant.weights", "quant", "weight_quant"),
-               ("quant.activations", "quant", "act_quant"),
-               ("analog", "analog", "analog"),
-               ("attention", "attention", "attention"))
-WEIGHT_STAGES = ("sparsity", "weight_quant", "analog")  # pipeline order on the weight
-
-
 def rule_field(obj: Any, name: str) -> Any:
     """``obj[name]`` of a mapping, else ``obj.name`` (None when absent): rules and their
     blocks may be dicts or config dataclasses."""
@@ -415,7 +395,8 @@ def rule_specs(rule: Any) -> dict[str, tuple[str, Transform]]:
     together (:func:`check_pipeline`). Raises :class:`SpecError` whose ``field`` is the
     key inside the rule (``sparsity.mvue``)."""
     out: dict[str, tuple[str, Transform]] = {}
-    for key, kind, stage in RULE_BLOCKS:
+    for declared in rule_blocks():
+        key, kind, stage = declared.key, declared.kind, declared.stage
         block = rule
         for part in key.split("."):
             block = None if block is None else rule_field(block, part)
@@ -430,7 +411,7 @@ def rule_specs(rule: Any) -> dict[str, tuple[str, Transform]]:
             raise SpecError(key, f"'{key}' and '{out[stage][0]}' both set the layer's "
                             f"{stage} stage; a rule takes one of them")
         out[stage] = (key, spec)
-    chain = [out[stage] for stage in WEIGHT_STAGES if stage in out]
+    chain = [out[stage] for stage in weight_stages() if stage in out]
     try:
         check_pipeline([spec for _, spec in chain])
     except SpecError as err:

@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx
 
 from sparsejax.config import load_config
-from sparsejax.train import load_model, run
+from sparsejax.runs import load_model
+from sparsejax.train import run
 from tests.conftest import TINY_GPT
 
 SSTE = "rules=[{path: 'blocks/\\d+/mlp/(fc|proj)', sparsity: {method: sste}}]"

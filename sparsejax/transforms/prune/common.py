@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from sparsejax.errors import PruneError
 from sparsejax.sparsity import check_nm, nm_mask
 from sparsejax.transforms.base import Context, Metrics, Site, SpecError, State, Transform, View
 
@@ -28,11 +29,6 @@ __all__ = ["DAMPENING", "PruneError", "PruneResult", "PostTrainingPruning", "col
 
 # SparseGPT's dampening: lambda = 1 % of the mean diagonal of H.
 DAMPENING = 0.01
-
-
-class PruneError(ValueError):
-    """A layer that cannot be pruned as asked (a singular calibration matrix, a budget
-    the factorisation cannot meet); the message names the reason."""
 
 
 @dataclass(frozen=True)

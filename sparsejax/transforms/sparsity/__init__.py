@@ -1,5 +1,6 @@
 """Sparsity transforms (``sparsity:`` blocks of path rules)."""
 
+from sparsejax.transforms.kinds import RuleBlock, declare_block
 from sparsejax.transforms.sparsity.dense import Dense
 from sparsejax.transforms.sparsity.gmp import GMP
 from sparsejax.transforms.sparsity.magnitude import Magnitude
@@ -18,6 +19,11 @@ from sparsejax.transforms.sparsity.unstructured import (
     erk_densities,
     top_k_mask,
 )
+
+declare_block(RuleBlock(
+    key="sparsity", kind="sparsity", stage="sparsity", order=20, default_method="sste",
+    layers={"linear": "weights"}, log=("sparsity/{path}", "sparsity"),
+    doc="sparse training of a linear layer's weight"))
 
 __all__ = ["GMP", "SET", "SNIP", "SRSTE", "SSTE", "STE", "Dense", "DropAndGrow",
            "HardNMSparsity", "Magnitude", "MaskLLM", "NMPattern", "RandomMask", "RigL",
