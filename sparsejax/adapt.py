@@ -39,7 +39,7 @@ from sparsejax.calibration import (
 from sparsejax.config import Config
 from sparsejax.errors import ConfigError
 from sparsejax.nn import Attention, named_layers, transform_slots
-from sparsejax.transforms.attention.gaincell import head_statistics
+from sparsejax.transforms import AttentionCalibration, AttentionData, head_statistics
 
 __all__ = ["AttentionReport", "calibrate_attention", "calibrate_from_teacher",
            "output_statistics", "uncalibrated_attention"]
@@ -65,12 +65,13 @@ class AttentionReport:
 
 
 def uncalibrated_attention(model: nnx.Module) -> list[str]:
-    """Paths of the attention modules whose calibrated transform has not been calibrated
-    and asks for calibration (``calib_batches > 0``)."""
+    """Paths of the attention modules whose transform calibrates from a trained model
+    (:class:`~sparsejax.transforms.AttentionCalibration`), asks for calibration batches
+    and has not been calibrated."""
     return [path for path, layer, _, slot in transform_slots(model)
-            if isinstance(layer, Attention) and slot.spec.calibrated
-            and getattr(slot.spec, "calib_batches", 0) > 0
-            and not bool(slot.state["calibrated"][...])]
+            if isinstance(layer, Attention) and isinstance(slot.spec, AttentionCalibration)
+            and slot.spec.calibration_batches() > 0
+            and not slot.spec.is_calibrated(slot.view(None).state)]
 
 
 def output_statistics(model: nnx.Module, batches: Sequence[np.ndarray]
@@ -78,6 +79,23 @@ def output_statistics(model: nnx.Module, batches: Sequence[np.ndarray]
     """``{path: (mean, std)}``, per head ``(H,)``, of each attention module's output."""
     return {path: tuple(np.asarray(s) for s in head_statistics(arrays[3]))
             for path, arrays in attention_outputs(model, batches).items()}
+
+
+def _calibrate_module(model: nnx.Module, layer: Attention, path: str,
+                      batches: Sequence[np.ndarray],
+                      target: tuple[np.ndarray, np.ndarray] | None) -> None:
+    """Calibrate, in place, the transform of the attention module ``layer`` at ``path``
+    on the inputs that reach it now (``target``: the teacher's per-head output mean and
+    std, for methods that match them)."""
+    q, k, v, _, x = attention_outputs(model, batches, path)[path]
+    slot = layer.attention_slot
+    data = AttentionData(
+        q=q, k=k, v=v, positions=jnp.arange(np.asarray(batches[0]).shape[-1]),
+        x_abs_mean=jnp.mean(jnp.abs(x.astype(jnp.float32)), axis=(0, 1)),
+        kv_projection=layer.kv_projection(),
+        target_mean=None if target is None else jnp.asarray(target[0]),
+        target_std=None if target is None else jnp.asarray(target[1]))
+    slot.set_view(slot.spec.calibrate(slot.site, slot.view(None), data))
 
 
 def calibrate_attention(model: nnx.Module, teacher: nnx.Module,
@@ -92,33 +110,20 @@ def calibrate_attention(model: nnx.Module, teacher: nnx.Module,
     wanted = set(uncalibrated_attention(model))
     if not wanted:
         return []
-    slots = {path: slot for path, _, _, slot in transform_slots(model) if path in wanted}
-    matching = {path for path in wanted if slots[path].spec.matches_teacher_outputs}
+    layers = dict(named_layers(model, (Attention,)))
+    matching = {p for p in wanted if layers[p].attention_slot.spec.matches_teacher_outputs}
     targets = output_statistics(teacher, batches) if matching else {}
     missing = sorted(matching - set(targets))
     if missing:
         raise ValueError(f"the teacher has no attention module at {missing[0]}")
-    layers = dict(named_layers(model, (Attention,)))
     order = [path for path in call_order(model, batches[0], attention_calls)
              if path in wanted]
-    positions = jnp.arange(np.asarray(batches[0]).shape[-1])
     reports = []
     for path in order:
-        q, k, v, _, x = attention_outputs(model, batches, path)[path]
-        slot = slots[path]
-        data = {"q": q, "k": k, "v": v, "positions": positions,
-                "x_abs_mean": jnp.mean(jnp.abs(x.astype(jnp.float32)), axis=(0, 1)),
-                "kv_projection": layers[path].kv_projection()}
-        if path in matching:
-            data["target_mean"], data["target_std"] = (jnp.asarray(t) for t in targets[path])
-        new = slot.spec.calibrate(slot.site, slot.view(None), data)
-        for name, value in new.params.items():
-            slot.params[name][...] = value
-        for name, value in new.state.items():
-            slot.state[name][...] = value
+        _calibrate_module(model, layers[path], path, batches, targets.get(path))
         if path not in matching:
             if progress:
-                progress(f"{path}: calibrated ({slot.spec.method})")
+                progress(f"{path}: calibrated ({layers[path].attention_slot.spec.method})")
             continue
         got = head_statistics(attention_outputs(model, batches, path)[path][3])  # y
         reports.append(AttentionReport(path, *(np.asarray(t) for t in targets[path]),
@@ -135,12 +140,12 @@ def calibrate_from_teacher(cfg: Config, model: nnx.Module, teacher: nnx.Module,
     """Calibrate, in place, the attention transforms that start from a trained model
     (gain-cell attention's affines, CSKV's ASVD factors; ``sparsejax.adapt``) against
     ``teacher`` (the ``train.init_from`` model, :func:`init_model_with_source`), on the
-    first training batches of the run (``calib_batches`` of the transform, the largest
-    asked), as a fresh run does before its first step."""
+    first training batches of the run (``calibration_batches()`` of the transform, the
+    largest asked), as a fresh run does before its first step."""
     paths = uncalibrated_attention(model)
     if not paths:
         return
-    count = max(slot.spec.calib_batches for path, _, _, slot in transform_slots(model)
+    count = max(slot.spec.calibration_batches() for path, _, _, slot in transform_slots(model)
                 if path in paths)
     start = time.perf_counter()
     try:

@@ -28,8 +28,9 @@ from sparsejax.analog import (
     drift_compensation,
 )
 from sparsejax.config import Config, ConfigError
-from sparsejax.nn import Activation, Linear, named_layers
+from sparsejax.nn import Activation, Linear, named_layers, transform_slots
 from sparsejax.tasks import Task, build_task
+from sparsejax.transforms import NoiseCounter
 from sparsejax.transforms.analog import AnalogSpec
 
 __all__ = ["analog_target_layers", "evaluate_activation_noise", "evaluate_analog",
@@ -117,9 +118,9 @@ def _make_eval_step(graphdef: nnx.GraphDef, task: Task) -> Callable:
     def eval_step(params, rest, batch, call):
         model = nnx.merge(graphdef, params, rest, copy=True)
         model.eval()
-        for _, layer in named_layers(model, (Linear, Activation)):
-            if layer.analog is not None and "count" in layer.analog.state:
-                layer.analog.state["count"][...] = call
+        for _, _, _, slot in transform_slots(model):
+            if isinstance(slot.spec, NoiseCounter):
+                slot.set_state(slot.spec.with_draw_count(slot.view(None).state, call))
         return task.eval_sums(model, batch)
 
     return jax.jit(eval_step)

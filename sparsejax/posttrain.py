@@ -42,7 +42,7 @@ from sparsejax.evaluation import evaluate_model
 from sparsejax.nn import Linear, named_layers, transform_slots
 from sparsejax.runs import init_model, load_model, resolve_checkpoint, write_step_zero_run
 from sparsejax.sparsity import check_nm
-from sparsejax.transforms import build_spec, methods
+from sparsejax.transforms import GramCalibration, build_spec, methods
 from sparsejax.transforms.prune import PruneResult, weighted_error
 
 __all__ = ["LayerReport", "PruneError", "PruneResult", "parse_nm", "prune_layer", "prune_model",
@@ -103,7 +103,7 @@ def prune_model(model: nnx.Module, batches: Sequence[np.ndarray], *, sequential:
     transform (a ``prune`` rule), from the calibration inputs ``batches``; returns one
     report per layer in call order. Raises :class:`PruneError` naming the layer."""
     targets = {path: (layer, slot) for path, layer, _, slot in transform_slots(model)
-               if slot.spec.calibrated}
+               if isinstance(slot.spec, GramCalibration)}
     if not targets:
         raise PruneError("no layer carries a prune transform")
     order = [p for p in call_order(model, batches[0]) if p in targets]
@@ -122,18 +122,15 @@ def prune_model(model: nnx.Module, batches: Sequence[np.ndarray], *, sequential:
         except PruneError as err:
             raise PruneError(f"layer {path}: {err}") from None
         layer.kernel[...] = new.x
-        for name, value in new.params.items():
-            slot.params[name][...] = value
-        for name, value in new.state.items():
-            slot.state[name][...] = value
+        slot.set_view(new)
         w_hat = layer.effective_kernel()
         jax.block_until_ready(w_hat)
         seconds = time.perf_counter() - start
         base = float(weighted_error(w, jnp.zeros_like(w), h))
-        stored = sum(int(jnp.sum(v[...])) for k, v in slot.state.items() if "mask" in k)
         reports.append(LayerReport(
             path, slot.spec.method, slot.spec.pattern, tuple(w.shape),
-            stored / w.size, float(weighted_error(w, w_hat, h)) / max(base, 1e-30), seconds))
+            slot.spec.stored_density(slot.view(new.x)),
+            float(weighted_error(w, w_hat, h)) / max(base, 1e-30), seconds))
         if progress:
             r = reports[-1]
             progress(f"  {path:24s} {r.method} {r.pattern}: density {r.density:.3f}, "
@@ -224,7 +221,8 @@ def prune_run(run_dir: str | Path, out: str | Path, *, method: str,
         model = init_model(new_cfg, load_init=False)
     except ConfigError as err:
         raise ConfigError(f"{err} (--layers '{layers}', --nm/--sparsity)") from None
-    pruned = [path for path, _, _, slot in transform_slots(model) if slot.spec.calibrated]
+    pruned = [path for path, _, _, slot in transform_slots(model)
+              if isinstance(slot.spec, GramCalibration)]
     _copy_from_source(model, source, pruned)
     say = progress or (lambda _: None)
     say(f"pruning {len(pruned)} layers of {source_dir} (step {step}) with {method} "

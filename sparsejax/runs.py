@@ -31,6 +31,7 @@ from sparsejax.errors import CheckpointError, ConfigError, RunDirError
 from sparsejax.nn import TransformParam, apply_rules, transform_slots
 from sparsejax.optim import build_optimizer
 from sparsejax.tasks import build_model
+from sparsejax.transforms import Calibration, GramCalibration
 
 __all__ = ["RESUMABLE_KEYS", "TrainState", "carry_calibrated_state", "count_params",
            "init_model", "init_model_with_source", "load_model", "load_params_into",
@@ -100,14 +101,14 @@ def load_params_into(model: nnx.Module, source: nnx.Module, origin: str) -> list
 
 def carry_calibrated_state(model: nnx.Module, source: nnx.Module) -> list[str]:
     """Copy, in place, the params and state of every calibrated transform of ``model``
-    (:attr:`~sparsejax.transforms.Transform.calibrated`: post-training pruning, whose masks
+    (:class:`~sparsejax.transforms.Calibration`: post-training pruning, whose masks
     nothing recomputes) from the transform of the same method at the same layer and stage
     of ``source``. Returns the copied paths."""
     found = {(path, stage): slot for path, _, stage, slot in transform_slots(source)}
     copied = []
     for path, _, stage, slot in transform_slots(model):
         other = found.get((path, stage))
-        if (not slot.spec.calibrated or other is None
+        if (not isinstance(slot.spec, Calibration) or other is None
                 or (other.spec.kind, other.spec.method) != (slot.spec.kind, slot.spec.method)):
             continue
         for kind in ("params", "state"):
@@ -123,8 +124,8 @@ def uncalibrated_layers(model: nnx.Module) -> list[str]:
     """Paths of the layers whose calibrated transform has not been calibrated (a
     ``prune`` rule on weights that ``sparsejax prune`` never saw)."""
     return [path for path, _, _, slot in transform_slots(model)
-            if slot.spec.calibrated and "pruned" in slot.state
-            and not bool(slot.state["pruned"][...])]
+            if isinstance(slot.spec, GramCalibration)
+            and not slot.spec.is_calibrated(slot.view(None).state)]
 
 
 def init_model(cfg: Config, load_init: bool = True) -> nnx.Module:

@@ -70,6 +70,7 @@ from sparsejax.sharding import (
     to_host,
 )
 from sparsejax.tasks import Task, build_model, build_task
+from sparsejax.transforms import Calibration
 
 __all__ = ["NonFiniteLossError", "RunDirError", "make_train_step", "run"]
 
@@ -221,7 +222,7 @@ def run(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
     if source is not None:
         calibrate_from_teacher(cfg, model, source, verbose)
     needy = [(path, slot.spec) for path, _, _, slot in transform_slots(model)
-             if slot.spec.requires_init_from]
+             if isinstance(slot.spec, Calibration) and slot.spec.requires_init_from]
     if needy and not has_checkpoint and not cfg.train.init_from:
         path, spec = needy[0]
         raise ConfigError(f"{spec.kind} method '{spec.method}' on {path} starts from a trained "

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.nn.slots import TransformHost, TransformSlot
-from sparsejax.transforms import Site
+from sparsejax.transforms import CachedAttention, Site
 
 __all__ = ["Attention", "tap_attention"]
 
@@ -95,7 +95,8 @@ class Attention(TransformHost):
         """An empty decoding cache of ``length`` positions: ``{"k", "v"}`` of shape
         ``(batch, length, H, D)``, or the layout of the attention transform when it keeps
         its own (a compressed cache)."""
-        if self.attention_slot is not None and self.attention_slot.spec.has_cache:
+        if self.attention_slot is not None and isinstance(self.attention_slot.spec,
+                                                            CachedAttention):
             return self.attention_slot.spec.init_cache(self.site(), batch, length, dtype)
         shape = (batch, length, self.n_head, self.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
@@ -107,7 +108,8 @@ class Attention(TransformHost):
         of the tokens at ``pos .. pos + T - 1``; they are written into ``cache`` and each
         query attends to the cached positions up to its own. Returns the output and the
         cache; the same numbers as :meth:`attend` on the whole sequence."""
-        if self.attention_slot is not None and self.attention_slot.spec.has_cache:
+        if self.attention_slot is not None and isinstance(self.attention_slot.spec,
+                                                            CachedAttention):
             ctx = self.context()
             return self.attention_slot.attend_cached(q, k, v, x, cache, pos, ctx)
         start = (0, pos, 0, 0)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from sparsejax.kernels.nm_matmul import PackedNM, nm_matmul
 from sparsejax.nn.slots import TransformHost, TransformSlot
-from sparsejax.transforms import Site, Transform, check_pipeline, select_matmul
+from sparsejax.transforms import Packable, Site, Transform, check_pipeline, select_matmul
 
 __all__ = ["ACTIVATIONS", "BATCH_AXES", "Activation", "Embed", "LayerNorm",
            "Linear", "PackedState", "WeightOverride", "dropout", "pack_model", "shard_batch",
@@ -157,13 +157,13 @@ class Linear(TransformHost):
                 setattr(self, stage, None)
 
     def packer(self) -> Transform | None:
-        """The weight transform whose inference packing (:meth:`Transform.pack`) this
+        """The weight transform whose inference packing (``Packable``) this
         layer's weight would take, or None (no transform packs it, or already packed)."""
         if self.packed_values is not None:
             return None
         dense = jax.ShapeDtypeStruct(self.kernel.shape, self.kernel.dtype)
-        return next((s.spec for s in self._weight_slots()
-                     if jax.eval_shape(s.spec.pack, dense) is not None), None)
+        return next((s.spec for s in self._weight_slots() if isinstance(s.spec, Packable)
+                     and jax.eval_shape(s.spec.pack, dense) is not None), None)
 
     @property
     def packed(self) -> PackedNM | None:

@@ -32,6 +32,7 @@ from sparsejax.nn.slots import TransformHost, TransformSlot
 from sparsejax.transforms import (
     LAYER_TYPE_NAMES,
     Context,
+    GradientHook,
     ParamGroup,
     log_keys,
     rule_blocks,
@@ -268,7 +269,7 @@ def param_labels(model: nnx.Module) -> tuple[Any, dict[str, ParamGroup]]:
 
 def has_updates(model: nnx.Module) -> bool:
     """Whether any transform of ``model`` has a gradient-time hook."""
-    return any(slot.spec.has_update for *_, slot in transform_slots(model))
+    return any(isinstance(slot.spec, GradientHook) for *_, slot in transform_slots(model))
 
 
 def apply_updates(model: nnx.Module, grads: nnx.Module, step: jax.Array) -> None:
@@ -278,7 +279,7 @@ def apply_updates(model: nnx.Module, grads: nnx.Module, step: jax.Array) -> None
     weight (in ``model``) and the weight's gradient (in ``grads``)."""
     pairs = zip(transform_slots(model), transform_slots(grads), strict=True)
     for (_, layer, _, slot), (_, grad_layer, _, _) in pairs:
-        if not slot.spec.has_update:
+        if not isinstance(slot.spec, GradientHook):
             continue
         ctx = Context(True, jax.random.key(layer.seed), step)
         w, g = slot.update(layer.kernel[...], grad_layer.kernel[...], ctx)

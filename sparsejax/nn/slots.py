@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.transforms import Context, Site, Transform, View, layer_stages
+from sparsejax.transforms import Context, GradientHook, Site, Transform, View, layer_stages
 
 __all__ = ["TransformHost", "TransformMetrics", "TransformParam", "TransformSlot",
            "TransformState"]
@@ -65,7 +65,7 @@ class TransformSlot(nnx.Module):
                 return spec.attend(v, v, v, jnp.zeros(1, jnp.int32), p, s, site, ctx, x=x)[2]
             out = spec.apply(v, p, s, site, ctx)[2]
             return {**out, **(spec.update(site, View(v, p, s), v, ctx)[3]
-                              if spec.has_update else {})}
+                              if isinstance(spec, GradientHook) else {})}
 
         shapes = jax.eval_shape(metrics_of, _values(self.params), _values(self.state), example)
         self.metrics = nnx.Dict({k: TransformMetrics(jnp.zeros(v.shape, v.dtype))
@@ -81,6 +81,18 @@ class TransformSlot(nnx.Module):
 
     def metric_values(self) -> dict[str, jax.Array]:
         return _values(self.metrics)
+
+    def set_state(self, state: dict[str, jax.Array]) -> None:
+        """Replace the slot's state arrays by ``state`` (same names and shapes)."""
+        for name, value in state.items():
+            self.state[name][...] = value
+
+    def set_view(self, view: View) -> None:
+        """Replace the slot's params and state by those of ``view`` (a calibration's
+        result; the tensor ``view.x`` is the layer's to store)."""
+        for name, value in view.params.items():
+            self.params[name][...] = value
+        self.set_state(view.state)
 
     def _store(self, state: dict[str, jax.Array], metrics: dict[str, jax.Array]) -> None:
         for name, value in state.items():

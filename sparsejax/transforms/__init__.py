@@ -8,8 +8,18 @@ register themselves by name when this package is imported. Adding a method:
 
 from sparsejax.transforms import analog, attention, prune, quant, sparsity
 from sparsejax.transforms.base import (
+    AttentionCalibration,
+    AttentionData,
+    AttentionMethod,
+    CachedAttention,
+    Calibration,
     Context,
+    CustomMatmul,
+    GradientHook,
+    GramCalibration,
     Metrics,
+    NoiseCounter,
+    Packable,
     ParamGroup,
     Site,
     SpecError,
@@ -17,6 +27,7 @@ from sparsejax.transforms.base import (
     View,
     build_spec,
     check_pipeline,
+    head_statistics,
     methods,
     register,
     rule_field,
@@ -36,8 +47,11 @@ from sparsejax.transforms.kinds import (
     weight_stages,
 )
 
-__all__ = ["LAYER_TYPE_NAMES", "Context", "Metrics", "ParamGroup", "RuleBlock", "Site",
-           "SpecError", "Transform", "View", "analog", "attention", "build_spec",
-           "check_pipeline", "declare_block", "default_method", "layer_stages", "log_keys",
-           "methods", "prune", "quant", "register", "rule_blocks", "rule_field", "rule_specs",
-           "select_matmul", "spec_class", "spec_fields", "sparsity", "weight_stages"]
+__all__ = ["LAYER_TYPE_NAMES", "AttentionCalibration", "AttentionData", "AttentionMethod",
+           "CachedAttention", "Calibration", "Context", "CustomMatmul", "GradientHook",
+           "GramCalibration", "Metrics", "NoiseCounter", "Packable", "ParamGroup", "RuleBlock",
+           "Site", "SpecError", "Transform", "View", "analog", "attention", "build_spec",
+           "check_pipeline", "declare_block", "default_method", "head_statistics",
+           "layer_stages", "log_keys", "methods", "prune", "quant", "register", "rule_blocks",
+           "rule_field", "rule_specs", "select_matmul", "spec_class", "spec_fields",
+           "sparsity", "weight_stages"]

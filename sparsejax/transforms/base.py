@@ -25,11 +25,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from sparsejax.errors import SpecError
 from sparsejax.transforms.kinds import default_method, rule_blocks, weight_stages
 
-__all__ = ["Context", "Metrics",
+__all__ = ["AttentionCalibration", "AttentionData", "AttentionMethod", "CachedAttention",
+           "Calibration", "CustomMatmul", "GradientHook", "GramCalibration", "NoiseCounter",
+           "Packable", "head_statistics", "Context", "Metrics",
            "ParamGroup", "Site", "SpecError", "Transform", "View", "build_spec",
            "check_pipeline", "methods", "register", "rule_field", "rule_specs",
            "select_matmul", "spec_class", "spec_fields"]
@@ -195,18 +198,8 @@ class Transform:
     optimizer_fields: ClassVar[tuple[str, ...]] = ()
     # The name of the discrete choice :meth:`snapshot` returns (logged as ``<name>_changed``).
     snapshot_name: ClassVar[str] = "mask"
-    # Whether the params and state are a calibration's result (:meth:`calibrate`, post-
-    # training pruning) that nothing recomputes: ``train.init_from`` carries them over
-    # from the same method at the same layer of the source run.
+    # True for the Calibration capability (below): params and state a calibration set.
     calibrated: ClassVar[bool] = False
-    # Whether a run must start from ``train.init_from`` (its calibration needs a trained
-    # model, e.g. CSKV's factors of the trained key / value projections).
-    requires_init_from: ClassVar[bool] = False
-    # Whether :meth:`calibrate` of an attention site matches a teacher's per-head output
-    # statistics (``data["target_mean"]`` / ``["target_std"]``); only then does
-    # ``sparsejax.adapt`` run the teacher.
-    matches_teacher_outputs: ClassVar[bool] = False
-
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
@@ -260,68 +253,6 @@ class Transform:
         """``(transformed x, new state, metrics)``; same shape and dtype as ``x``."""
         raise NotImplementedError
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
-               params: State, state: State, site: Site, ctx: Context,
-               x: jax.Array | None = None) -> tuple[jax.Array, State, Metrics]:
-        """Attention sites (``role == "attention"``, shape ``(heads, head_dim)``): the
-        output ``(B, T, H, D)`` of queries ``q`` ``(B, T, H, D)`` at ``q_positions``
-        ``(T,)`` over keys and values ``(B, L, H, D)`` at positions ``0 .. L-1``, causal
-        (a query sees keys at or before its position), the new state and metrics. ``x``
-        ``(B, L, C)``: the attention module's input (None where the caller has none)."""
-        raise NotImplementedError
-
-    @property
-    def has_cache(self) -> bool:
-        """Whether an attention method keeps its own decoding cache (:meth:`init_cache`,
-        :meth:`attend_cached`) instead of the plain ``{"k", "v"}`` one."""
-        return type(self).attend_cached is not Transform.attend_cached
-
-    def init_cache(self, site: Site, batch: int, length: int, dtype: Any
-                   ) -> dict[str, jax.Array]:
-        """The empty decoding cache of ``length`` positions (methods with
-        :attr:`has_cache`)."""
-        raise NotImplementedError
-
-    def attend_cached(self, q: jax.Array, k: jax.Array, v: jax.Array, x: jax.Array,
-                      cache: dict[str, jax.Array], pos: jax.Array, params: State,
-                      state: State, site: Site, ctx: Context
-                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Decoding through the method's cache: the tokens at ``pos .. pos + T - 1``
-        (``q``, ``k``, ``v`` ``(B, T, H, D)``, input ``x`` ``(B, T, C)``) are written into
-        it and attend to every cached position up to their own; returns the output and
-        the cache. Must equal :meth:`attend` on the whole sequence."""
-        raise NotImplementedError
-
-    @property
-    def provides_matmul(self) -> bool:
-        """Whether :meth:`matmul` replaces the layer's ``x @ W``."""
-        return False
-
-    @property
-    def exclusive_matmul(self) -> str | None:
-        """The field that makes this transform's matmul impossible to replace by another
-        transform's (None when it may be replaced)."""
-        return None
-
-    def matmul(self, x: jax.Array, w: jax.Array, state: State, ctx: Context
-               ) -> tuple[jax.Array, State]:
-        """``x @ w`` (``x``: ``(..., in)``, ``w``: ``(in, out)``) and the new state."""
-        raise NotImplementedError
-
-    @property
-    def has_update(self) -> bool:
-        """Whether the method overrides :meth:`update` (the trainer skips the others)."""
-        return type(self).update is not Transform.update
-
-    def update(self, site: Site, view: View, grad: jax.Array, ctx: Context
-               ) -> tuple[jax.Array, State, jax.Array, Metrics]:
-        """The gradient-time hook, run every training step after the backward pass and
-        before the optimiser: from the tensor, the dicts and the gradient of the tensor
-        (``ctx.step``: the step), return ``(tensor, state, gradient, metrics)`` - e.g. a
-        new mask, the grown weights set to zero, the gradient of pruned weights removed.
-        Weights only."""
-        return view.x, view.state, grad, {}
-
     # ------------------------------------------------------------------ bookkeeping
     @property
     def produces_zeros(self) -> bool:
@@ -361,25 +292,171 @@ class Transform:
         """The weight in inference form (:meth:`inference` without its metrics)."""
         return self.inference(w, params, state, site)[0]
 
-    def calibrate(self, site: Site, view: View, h: Any) -> View:
-        """Post-training: the tensor, params and state after the method has seen
-        calibration data, from the trained ``view`` and the data: for weights ``h = X^T X``
-        ``(in, in)``, the Gram matrix of the layer's calibration inputs
-        (``sparsejax.posttrain``); for attention sites, the queries, keys and values that
-        reach the layer and a teacher's output statistics (``sparsejax.adapt``)."""
-        raise NotImplementedError(f"{self.kind} method '{self.method}' takes no calibration")
-
-    def pack(self, w: jax.Array) -> Any:
-        """The inference packing of an already transformed weight (e.g. ``PackedNM``),
-        or None when the method has none."""
-        return None
-
     def summary(self) -> str:
         """``method`` plus the fields that differ from their defaults (layer listings)."""
         default = type(self)()
         changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
                    if getattr(self, f.name) != getattr(default, f.name)]
         return self.method + (f"({','.join(changed)})" if changed else "")
+
+
+# --------------------------------------------------------------------------- capabilities
+# What a method needs from the lifecycle beyond the core hooks, declared by mixing one of
+# these into its spec class; generic code (layers, trainer, calibration, evaluation) asks
+# ``isinstance(spec, <capability>)`` and calls the capability's methods, never a method's
+# state by name.
+
+
+class AttentionMethod:
+    """Acts on an attention site (``role == "attention"``): replaces the softmax."""
+
+    roles: ClassVar[tuple[str, ...]] = ("attention",)
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+               params: State, state: State, site: Site, ctx: Context,
+               x: jax.Array | None = None) -> tuple[jax.Array, State, Metrics]:
+        """The output ``(B, T, H, D)`` of queries ``q`` ``(B, T, H, D)`` at ``q_positions``
+        ``(T,)`` over keys and values ``(B, L, H, D)`` at positions ``0 .. L-1``, causal
+        (a query sees keys at or before its position), the new state and metrics. ``x``
+        ``(B, L, C)``: the attention module's input (None where the caller has none)."""
+        raise NotImplementedError
+
+
+class CachedAttention(AttentionMethod):
+    """An attention method that keeps its own decoding cache instead of ``{"k", "v"}``."""
+
+    def init_cache(self, site: Site, batch: int, length: int, dtype: Any
+                   ) -> dict[str, jax.Array]:
+        """The empty decoding cache of ``length`` positions."""
+        raise NotImplementedError
+
+    def attend_cached(self, q: jax.Array, k: jax.Array, v: jax.Array, x: jax.Array,
+                      cache: dict[str, jax.Array], pos: jax.Array, params: State,
+                      state: State, site: Site, ctx: Context
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Decoding through the method's cache: the tokens at ``pos .. pos + T - 1``
+        (``q``, ``k``, ``v`` ``(B, T, H, D)``, input ``x`` ``(B, T, C)``) are written into
+        it and attend to every cached position up to their own; returns the output and
+        the cache. Must equal :meth:`~AttentionMethod.attend` on the whole sequence."""
+        raise NotImplementedError
+
+
+class CustomMatmul:
+    """Replaces a ``Linear``'s ``x @ W`` (a sparse kernel, L-Mul, the analog tile)."""
+
+    @property
+    def provides_matmul(self) -> bool:
+        """Whether :meth:`matmul` replaces the layer's ``x @ W`` with these settings."""
+        return True
+
+    @property
+    def exclusive_matmul(self) -> str | None:
+        """The field that makes this transform's matmul impossible to replace by another
+        transform's (None when it may be replaced)."""
+        return None
+
+    def matmul(self, x: jax.Array, w: jax.Array, state: State, ctx: Context
+               ) -> tuple[jax.Array, State]:
+        """``x @ w`` (``x``: ``(..., in)``, ``w``: ``(in, out)``) and the new state."""
+        raise NotImplementedError
+
+
+class GradientHook:
+    """Runs every training step after the backward pass, before the optimiser (dynamic
+    sparse training: new masks, regrown weights)."""
+
+    def update(self, site: Site, view: View, grad: jax.Array, ctx: Context
+               ) -> tuple[jax.Array, State, jax.Array, Metrics]:
+        """From the tensor, the dicts and the gradient of the tensor (``ctx.step``: the
+        step), return ``(tensor, state, gradient, metrics)``. Weights only."""
+        raise NotImplementedError
+
+
+class Packable:
+    """Has an inference packing of its transformed weight (``sparsejax.kernels``)."""
+
+    def pack(self, w: jax.Array) -> Any:
+        """The packing of an already transformed weight (e.g. ``PackedNM``), or None when
+        these settings have none."""
+        return None
+
+
+class NoiseCounter:
+    """Draws fresh noise per call from a checkpointed counter folded into the key; an
+    evaluation that discards state sets the counter per batch (:meth:`with_draw_count`)."""
+
+    def with_draw_count(self, state: State, count: jax.Array) -> State:
+        """``state`` with the draw counter set to ``count`` (unchanged without one)."""
+        return state
+
+
+class Calibration:
+    """The params and state are a calibration's result that nothing recomputes:
+    ``train.init_from`` carries them from the same method at the same layer."""
+
+    calibrated: ClassVar[bool] = True
+    # Whether a run must start from ``train.init_from`` (the calibration needs a trained
+    # model, e.g. CSKV's factors of the trained key / value projections).
+    requires_init_from: ClassVar[bool] = False
+
+    def is_calibrated(self, state: State) -> bool:
+        """Whether the calibration has run (read from the method's own state)."""
+        raise NotImplementedError
+
+
+class GramCalibration(Calibration):
+    """Calibrated from ``h = X^T X`` ``(in, in)`` of the layer's calibration inputs
+    (post-training pruning, ``sparsejax prune``)."""
+
+    def calibrate(self, site: Site, view: View, h: jax.Array) -> View:
+        """The tensor, params and state after the method has seen ``h``."""
+        raise NotImplementedError
+
+    def stored_density(self, view: View) -> float:
+        """The non-zeros the method stores, over the weight's size."""
+        raise NotImplementedError
+
+
+class AttentionData(NamedTuple):
+    """What attention calibration reads at one attention module, over the calibration
+    batches: ``q``, ``k``, ``v`` ``(N, T, H, D)`` of the student with every earlier
+    module calibrated, their ``positions`` ``(T,)``, the mean ``|x|`` per channel of the
+    module input ``(C,)``, the module's key / value projections ``(W_k, b_k, W_v, b_v)``
+    and, for methods that match the teacher's outputs, its per-head output mean and std
+    ``(H,)``."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    x_abs_mean: jax.Array
+    kv_projection: tuple[jax.Array, jax.Array, jax.Array, jax.Array]
+    target_mean: jax.Array | None = None
+    target_std: jax.Array | None = None
+
+
+def head_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-head mean and standard deviation ``(H,)`` of ``x`` ``(..., H, D)`` over every
+    other axis (float32)."""
+    x = jnp.moveaxis(x.astype(jnp.float32), -2, 0).reshape(x.shape[-2], -1)
+    return x.mean(axis=1), x.std(axis=1)
+
+
+class AttentionCalibration(Calibration):
+    """Calibrated at the start of a run from a trained model (``train.init_from``) on
+    :meth:`calibration_batches` of its training stream (``sparsejax.adapt``)."""
+
+    # Whether calibration matches a teacher's per-head output statistics (head_statistics
+    # of each attention module's output); only then does the teacher run.
+    matches_teacher_outputs: ClassVar[bool] = False
+
+    def calibration_batches(self) -> int:
+        """How many training batches calibration reads (0: none, keep the initial state)."""
+        raise NotImplementedError
+
+    def calibrate(self, site: Site, view: View, data: AttentionData) -> View:
+        """The params and state after the method has seen ``data``."""
+        raise NotImplementedError
 
 
 def rule_field(obj: Any, name: str) -> Any:
@@ -427,7 +504,7 @@ def check_pipeline(chain: Sequence[Transform]) -> None:
     naming the field of the later transform."""
     for i, spec in enumerate(chain):
         spec.check_after(chain[:i])
-    exclusive = [s for s in chain if s.exclusive_matmul]
+    exclusive = [s for s in chain if isinstance(s, CustomMatmul) and s.exclusive_matmul]
     if len(exclusive) > 1:
         first, other = exclusive[:2]
         raise SpecError(first.exclusive_matmul,
@@ -439,6 +516,6 @@ def select_matmul(chain: Sequence[Transform]) -> Transform | None:
     """The transform whose :meth:`~Transform.matmul` a layer uses: the one that insists
     (:attr:`~Transform.exclusive_matmul`), else the last that provides one, else None
     (plain ``x @ W``)."""
-    exclusive = [s for s in chain if s.exclusive_matmul]
-    providers = [s for s in chain if s.provides_matmul]
+    exclusive = [s for s in chain if isinstance(s, CustomMatmul) and s.exclusive_matmul]
+    providers = [s for s in chain if isinstance(s, CustomMatmul) and s.provides_matmul]
     return exclusive[0] if exclusive else (providers[-1] if providers else None)

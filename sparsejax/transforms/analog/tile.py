@@ -17,14 +17,24 @@ from sparsejax.analog import (
     clip_weights_gaussian,
     weight_noise,
 )
-from sparsejax.transforms.base import Context, Metrics, Site, SpecError, State, Transform, register
+from sparsejax.transforms.base import (
+    Context,
+    CustomMatmul,
+    Metrics,
+    NoiseCounter,
+    Site,
+    SpecError,
+    State,
+    Transform,
+    register,
+)
 
 __all__ = ["NOISE_KINDS", "AnalogSpec"]
 
 
 @register("analog", "tile")
 @dataclass(frozen=True, kw_only=True)
-class AnalogSpec(Transform):
+class AnalogSpec(CustomMatmul, NoiseCounter, Transform):
     """What an analog layer simulates (all off by default).
 
     Linear layers use the weight, output, read and converter fields; activation layers use
@@ -115,9 +125,8 @@ class AnalogSpec(Transform):
         return (activation_noise(x, key, self.act_noise, self.act_noise_correlated,
                                  self.act_noise_kind), state, {})
 
-    @property
-    def provides_matmul(self) -> bool:
-        return True
+    def with_draw_count(self, state: State, count: jax.Array) -> State:
+        return {**state, "count": jnp.asarray(count, jnp.uint32)} if "count" in state else state
 
     @property
     def exclusive_matmul(self) -> str | None:

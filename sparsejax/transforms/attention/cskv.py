@@ -41,6 +41,9 @@ import numpy as np
 
 from sparsejax.estimators import straight_through
 from sparsejax.transforms.base import (
+    AttentionCalibration,
+    AttentionData,
+    CachedAttention,
     Context,
     Metrics,
     ParamGroup,
@@ -172,7 +175,7 @@ def unpack_codes(packed: jax.Array, bits: int, width: int) -> jax.Array:
 
 @register("attention", "cskv")
 @dataclass(frozen=True, kw_only=True)
-class CSKV(Transform):
+class CSKV(AttentionCalibration, CachedAttention, Transform):
     """CSKV (module docstring). ``k_density``, ``v_density``: ``r / C`` of the key and
     value projections (the reference code's defaults 0.25 and 0.75); ``window``: exact
     recent tokens; ``quant_bits``: 0 (off), 2, 4 or 8 for the compressed branch, keys in
@@ -193,7 +196,7 @@ class CSKV(Transform):
 
     roles = ("attention",)
     loss_terms = ("reconstruction",)
-    calibrated = True  # A, B from ASVD: train.init_from carries them from a CSKV run
+    # A, B from ASVD (AttentionCalibration): train.init_from carries them from a CSKV run
     requires_init_from = True  # ASVD factorises the trained projections
 
     def check(self) -> None:
@@ -388,14 +391,20 @@ class CSKV(Transform):
         return y.astype(q.dtype), {**cache, "k_recent": ring_k, "v_recent": ring_v}
 
     # ------------------------------------------------------------------ calibration
-    def calibrate(self, site: Site, view: View, data: dict) -> View:
-        """ASVD initialisation from ``data["x_abs_mean"]`` ``(C,)`` (mean ``|x|`` per
+    def calibration_batches(self) -> int:
+        return self.calib_batches
+
+    def is_calibrated(self, state: State) -> bool:
+        return bool(state["calibrated"])
+
+    def calibrate(self, site: Site, view: View, data: AttentionData) -> View:
+        """ASVD initialisation from ``data.x_abs_mean`` ``(C,)`` (mean ``|x|`` per
         channel of the module input over the calibration tokens) and
-        ``data["kv_projection"]`` ``(W_k, b_k, W_v, b_v)``; the biases become state."""
-        w_k, b_k, w_v, b_v = data["kv_projection"]
+        ``data.kv_projection`` ``(W_k, b_k, W_v, b_v)``; the biases become state."""
+        w_k, b_k, w_v, b_v = data.kv_projection
         r_k, r_v = self.ranks(site)
-        a_k, bk = asvd_factors(w_k, data["x_abs_mean"], r_k, self.alpha)
-        a_v, bv = asvd_factors(w_v, data["x_abs_mean"], r_v, self.alpha)
+        a_k, bk = asvd_factors(w_k, data.x_abs_mean, r_k, self.alpha)
+        a_v, bv = asvd_factors(w_v, data.x_abs_mean, r_v, self.alpha)
         params = {**view.params, "a_k": a_k, "b_k": bk, "a_v": a_v, "b_v": bv}
         state = {**view.state, "bias_k": jnp.asarray(b_k, jnp.float32),
                  "bias_v": jnp.asarray(b_v, jnp.float32),

@@ -17,14 +17,23 @@ import jax.numpy as jnp
 
 from sparsejax.quant import FP8_FORMATS, fp8_ste
 from sparsejax.transforms.attention.common import softmax_attention
-from sparsejax.transforms.base import Context, Metrics, Site, SpecError, State, Transform, register
+from sparsejax.transforms.base import (
+    AttentionMethod,
+    Context,
+    Metrics,
+    Site,
+    SpecError,
+    State,
+    Transform,
+    register,
+)
 
 __all__ = ["FP8Attention"]
 
 
 @register("attention", "fp8")
 @dataclass(frozen=True, kw_only=True)
-class FP8Attention(Transform):
+class FP8Attention(AttentionMethod, Transform):
     """``fmt``: ``e4m3`` or ``e5m2``."""
 
     fmt: str = "e4m3"

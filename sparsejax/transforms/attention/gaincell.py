@@ -60,6 +60,9 @@ import numpy as np
 
 from sparsejax.estimators import straight_through
 from sparsejax.transforms.base import (
+    AttentionCalibration,
+    AttentionData,
+    AttentionMethod,
     Context,
     Metrics,
     Site,
@@ -67,6 +70,7 @@ from sparsejax.transforms.base import (
     State,
     Transform,
     View,
+    head_statistics,
     register,
 )
 
@@ -222,16 +226,9 @@ def gaincell_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: ja
     return params["a_o"][:, None] * out + params["b_o"][:, None]
 
 
-def head_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-head mean and standard deviation ``(H,)`` of ``x`` ``(..., H, D)`` over every
-    other axis (float32)."""
-    x = jnp.moveaxis(x.astype(jnp.float32), -2, 0).reshape(x.shape[-2], -1)
-    return x.mean(axis=1), x.std(axis=1)
-
-
 @register("attention", "gaincell")
 @dataclass(frozen=True, kw_only=True)
-class GainCell(Transform):
+class GainCell(AttentionCalibration, AttentionMethod, Transform):
     """Gain-cell attention in place of the softmax of an attention module (module
     docstring). Fields: the sliding ``window`` (tokens), the leakage ``decay_rate`` per
     token (``delta = exp(-decay_rate)``; the reference's 1.6e-4), the memory ``array``
@@ -265,9 +262,8 @@ class GainCell(Transform):
 
     roles = ("attention",)
     per_layer_metrics = ("score_saturated", "output_clipped")
-    # a, b set from a teacher's statistics: train.init_from carries them from a run of the
-    # same method instead of recalibrating
-    calibrated = True
+    # a, b set from a teacher's statistics (AttentionCalibration): train.init_from carries
+    # them from a run of the same method instead of recalibrating
     matches_teacher_outputs = True
 
     def check(self) -> None:
@@ -329,7 +325,13 @@ class GainCell(Transform):
             state = {**state, "count": state["count"] + 1}
         return y.astype(q.dtype), state, metrics
 
-    def calibrate(self, site: Site, view: View, data: dict) -> View:
+    def calibration_batches(self) -> int:
+        return self.calib_batches
+
+    def is_calibrated(self, state: State) -> bool:
+        return bool(state["calibrated"])
+
+    def calibrate(self, site: Site, view: View, data: AttentionData) -> View:
         """The paper's statistics-matching initialisation, from calibration data ``data``:
         ``q``, ``k``, ``v`` ``(N, T, H, D)`` reaching this layer, their ``positions``
         ``(T,)`` and the softmax teacher's per-head output statistics ``target_mean``,
@@ -340,14 +342,14 @@ class GainCell(Transform):
         standard deviation. Returns the view with the new params, ``calibrated = 1``."""
         params = dict(view.params)
         for name, centre in (("q", 0.5), ("k", STORED_OFFSET), ("v", STORED_OFFSET)):
-            mean, std = head_statistics(data[name])
+            mean, std = head_statistics(getattr(data, name))
             a = centre / (self.calib_sigmas * jnp.maximum(std, 1e-12))
             params[f"a_{name}"], params[f"b_{name}"] = a, centre - a * mean
-        raw, _ = gaincell_readout(data["q"], data["k"], data["v"], data["positions"], params,
+        raw, _ = gaincell_readout(data.q, data.k, data.v, data.positions, params,
                                   **self._settings())
         mean, std = head_statistics(raw)
         alive = std > 1e-12
-        a_o = jnp.where(alive, data["target_std"] / jnp.where(alive, std, 1.0), 1.0)
-        params["a_o"], params["b_o"] = a_o, data["target_mean"] - a_o * mean
+        a_o = jnp.where(alive, data.target_std / jnp.where(alive, std, 1.0), 1.0)
+        params["a_o"], params["b_o"] = a_o, data.target_mean - a_o * mean
         return View(view.x, params, {**view.state, "calibrated": jnp.ones((), jnp.int32)})
 

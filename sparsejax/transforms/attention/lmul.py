@@ -10,7 +10,15 @@ from dataclasses import dataclass
 import jax
 
 from sparsejax.transforms.attention.common import softmax_attention
-from sparsejax.transforms.base import Context, Metrics, Site, State, Transform, register
+from sparsejax.transforms.base import (
+    AttentionMethod,
+    Context,
+    Metrics,
+    Site,
+    State,
+    Transform,
+    register,
+)
 from sparsejax.transforms.quant.lmul import LMulArithmetic
 
 __all__ = ["LMulAttention"]
@@ -18,7 +26,7 @@ __all__ = ["LMulAttention"]
 
 @register("attention", "lmul")
 @dataclass(frozen=True, kw_only=True)
-class LMulAttention(LMulArithmetic, Transform):
+class LMulAttention(LMulArithmetic, AttentionMethod, Transform):
     """Both attention products by L-Mul (:class:`LMulArithmetic`: ``mantissa_bits``, the
     paper's 3 or 4 for FP8-class precision, and ``k_tile``)."""
 

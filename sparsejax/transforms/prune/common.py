@@ -15,14 +15,23 @@ and stay exactly zero, as Adam's update of a weight whose gradient was always ze
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from sparsejax.errors import PruneError
 from sparsejax.sparsity import check_nm, nm_mask
-from sparsejax.transforms.base import Context, Metrics, Site, SpecError, State, Transform, View
+from sparsejax.transforms.base import (
+    Context,
+    GramCalibration,
+    Metrics,
+    Site,
+    SpecError,
+    State,
+    Transform,
+    View,
+)
 
 __all__ = ["DAMPENING", "PruneError", "PruneResult", "PostTrainingPruning", "column_mask",
            "compute_dtype", "dampened", "pattern_mask", "weighted_error"]
@@ -102,7 +111,7 @@ def pattern_mask(score: jax.Array, spec: PostTrainingPruning) -> jax.Array:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PostTrainingPruning(Transform):
+class PostTrainingPruning(GramCalibration, Transform):
     """Base of the post-training methods (``prune:`` blocks of path rules). ``sparsity``:
     the fraction of weights removed (unstructured); ``n``, ``m``: an N:M pattern along the
     contracting axis instead (``n: 0`` = unstructured)."""
@@ -110,8 +119,6 @@ class PostTrainingPruning(Transform):
     sparsity: float = 0.5
     n: int = 0
     m: int = 0
-    # the mask is the calibration's result: train.init_from carries it, nothing recomputes it
-    calibrated: ClassVar[bool] = True
 
     def check(self) -> None:
         if self.n or self.m:
@@ -166,6 +173,15 @@ class PostTrainingPruning(Transform):
         return View(jnp.where(result.mask, result.weight, 0.0).astype(view.x.dtype),
                     view.params, {**view.state, "mask": result.mask,
                                   "pruned": jnp.ones((), bool)})
+
+    def is_calibrated(self, state: State) -> bool:
+        return bool(state["pruned"])
+
+    def stored_density(self, view: View) -> float:
+        """Stored non-zeros (every mask of the method's state: DSF keeps one per factor)
+        over the weight's size."""
+        stored = sum(int(jnp.sum(v)) for k, v in view.state.items() if "mask" in k)
+        return stored / view.x.size
 
     def step_metrics(self, site: Site, before: View, after: View) -> Metrics:
         return {"sparsity": 1.0 - jnp.mean(after.state["mask"].astype(jnp.float32))}

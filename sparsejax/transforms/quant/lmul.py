@@ -15,7 +15,15 @@ import jax.numpy as jnp
 
 from sparsejax.estimators import straight_through
 from sparsejax.numerics.lmul import lmul_matmul
-from sparsejax.transforms.base import Context, Metrics, Site, SpecError, State, register
+from sparsejax.transforms.base import (
+    Context,
+    CustomMatmul,
+    Metrics,
+    Site,
+    SpecError,
+    State,
+    register,
+)
 from sparsejax.transforms.quant.common import Quantizer
 
 __all__ = ["LMulArithmetic", "LMulLinear"]
@@ -45,7 +53,7 @@ class LMulArithmetic:
 
 @register("quant", "lmul")
 @dataclass(frozen=True, kw_only=True)
-class LMulLinear(LMulArithmetic, Quantizer):
+class LMulLinear(LMulArithmetic, CustomMatmul, Quantizer):
     """The linear's ``x @ W`` by L-Mul (:class:`LMulArithmetic`)."""
 
     roles = ("weights",)
@@ -56,10 +64,6 @@ class LMulLinear(LMulArithmetic, Quantizer):
     def apply(self, x: jax.Array, params: State, state: State, site: Site, ctx: Context
               ) -> tuple[jax.Array, State, Metrics]:
         return x, state, {}
-
-    @property
-    def provides_matmul(self) -> bool:
-        return True
 
     @property
     def exclusive_matmul(self) -> str | None:

@@ -12,7 +12,17 @@ import jax.numpy as jnp
 from sparsejax.kernels.nm_matmul import pack_nm
 from sparsejax.sparse_linear import nm_linear
 from sparsejax.sparsity import check_nm, flip_rate, threshold_nm
-from sparsejax.transforms.base import Context, Metrics, Site, SpecError, State, Transform, View
+from sparsejax.transforms.base import (
+    Context,
+    CustomMatmul,
+    Metrics,
+    Packable,
+    Site,
+    SpecError,
+    State,
+    Transform,
+    View,
+)
 
 __all__ = ["KERNELS", "NEAR_THRESHOLD", "HardNMSparsity", "NMPattern", "SparseMatmul"]
 
@@ -22,7 +32,7 @@ NEAR_THRESHOLD = 1e-3
 
 
 @dataclass(frozen=True, kw_only=True)
-class NMPattern(Transform):
+class NMPattern(Packable, Transform):
     """``n`` of every ``m`` consecutive weights along the contracting axis are kept."""
 
     n: int = 2
@@ -51,7 +61,7 @@ class NMPattern(Transform):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SparseMatmul(Transform):
+class SparseMatmul(CustomMatmul, Transform):
     """The layer's matmul as :func:`~sparsejax.sparse_linear.nm_linear` (S-STE's GEMM
     layout). ``mvue``: sparsify the output gradient 2:4 along tokens for the weight
     gradient (a fresh draw per call, keyed by a checkpointed counter); ``fp8``: simulate
@@ -75,9 +85,6 @@ class SparseMatmul(Transform):
     def init(self, site: Site, x: jax.Array | None, key: jax.Array) -> State:
         return {"count": jnp.zeros((), jnp.uint32)} if self.mvue else {}
 
-    @property
-    def provides_matmul(self) -> bool:
-        return True
 
     @property
     def exclusive_matmul(self) -> str | None:

@@ -19,7 +19,16 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.estimators import straight_through
-from sparsejax.transforms.base import Context, Metrics, Site, SpecError, State, Transform, View
+from sparsejax.transforms.base import (
+    Context,
+    GradientHook,
+    Metrics,
+    Site,
+    SpecError,
+    State,
+    Transform,
+    View,
+)
 
 __all__ = ["DISTRIBUTIONS", "DropAndGrow", "UnstructuredSparsity", "drop_and_grow",
            "erk_densities", "top_k_mask"]
@@ -59,7 +68,7 @@ def top_k_mask(score: jax.Array, k: int | jax.Array) -> jax.Array:
 
 
 @dataclass(frozen=True, kw_only=True)
-class UnstructuredSparsity(Transform):
+class UnstructuredSparsity(GradientHook, Transform):
     """Base of the unstructured methods. ``sparsity``: fraction of zeros the matched layers
     reach together; ``distribution``: ``uniform`` (every layer at ``sparsity``) or ``erk``.
     ``density`` is set per layer by :meth:`plan` (not configuration).
