@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from sparsejax.config import CheckpointError
+from sparsejax.errors import CheckpointError
 
 # Orbax names an unfinished step ``<step>.orbax-checkpoint-tmp[-<timestamp>]``.
 _ORBAX_TMP_MARKER = ".orbax-checkpoint-tmp"

@@ -198,6 +198,9 @@ class Transform:
     optimizer_fields: ClassVar[tuple[str, ...]] = ()
     # The name of the discrete choice :meth:`snapshot` returns (logged as ``<name>_changed``).
     snapshot_name: ClassVar[str] = "mask"
+    # The smallest valid config block when the defaults alone do not build (the
+    # conformance test, tests/test_conformance.py, builds every method from it).
+    example_block: ClassVar[Mapping[str, Any]] = {}
     # True for the Calibration capability (below): params and state a calibration set.
     calibrated: ClassVar[bool] = False
     def __post_init__(self):
