@@ -111,3 +111,14 @@ def test_no_import_cycles_between_modules():
         return False
 
     assert not any(dfs(m, []) for m in sorted(graph) if m not in state), cycle
+
+
+def test_every_language_model_family_follows_the_model_protocol():
+    from flax import nnx
+
+    from sparsejax.models import GPT, LanguageModel
+
+    for family in (GPT,):
+        model = family(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8,
+                       rngs=nnx.Rngs(params=0))
+        assert isinstance(model, LanguageModel), family.__name__
