@@ -24,6 +24,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sparsejax.config import Config, ConfigError, load_config
 
@@ -254,9 +255,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsejax", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_train(sub: Any) -> None:
+    """The ``train`` command's arguments."""
     train = sub.add_parser("train", help="train from a YAML config (resumes if the run exists)")
     train.add_argument("config", help="YAML config file, e.g. configs/gpt_tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
@@ -268,6 +268,10 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-processes", type=int, default=None)
     train.add_argument("--process-id", type=int, default=None)
     train.set_defaults(func=_cmd_train)
+
+
+def _add_prepare(sub: Any) -> None:
+    """The ``prepare`` command's arguments."""
     prep = sub.add_parser(
         "prepare", help="tokenize text files into train.bin / val.bin for data.source=tokens",
         description="Tokenize CORPUS files (streamed) with a byte-level BPE trained on them "
@@ -285,6 +289,10 @@ def make_parser() -> argparse.ArgumentParser:
     prep.add_argument("--overwrite", action="store_true",
                       help="replace an earlier preparation in --out")
     prep.set_defaults(func=_cmd_prepare)
+
+
+def _add_sample(sub: Any) -> None:
+    """The ``sample`` command's arguments."""
     smp = sub.add_parser("sample", help="continue a prompt with a trained run's model "
                          "(KV-cached decoding)")
     smp.add_argument("run_dir", help="run directory (latest checkpoint) or "
@@ -298,10 +306,18 @@ def make_parser() -> argparse.ArgumentParser:
     smp.add_argument("--pack", action="store_true",
                      help="run 2:4 sparse layers packed (their sparse kernel)")
     smp.set_defaults(func=_cmd_sample)
+
+
+def _add_layers(sub: Any) -> None:
+    """The ``layers`` command's arguments."""
     layers = sub.add_parser("layers", help="list the layers' paths (for rules)")
     layers.add_argument("config")
     layers.add_argument("overrides", nargs="*")
     layers.set_defaults(func=_cmd_layers)
+
+
+def _add_compare(sub: Any) -> None:
+    """The ``compare`` command's arguments."""
     compare = sub.add_parser(
         "compare", help="compare runs layer by layer over training (table + TensorBoard)",
         description="Compare every later run or checkpoint with the first (B vs A, C vs A, "
@@ -321,6 +337,10 @@ def make_parser() -> argparse.ArgumentParser:
                          "the run names joined by _vs_); an earlier comparison there is "
                          "replaced")
     compare.set_defaults(func=_cmd_compare)
+
+
+def _add_evaluate_analog(sub: Any) -> None:
+    """The ``evaluate-analog`` command's arguments."""
     analog = sub.add_parser("evaluate-analog", help="program a trained run onto simulated "
                             "PCM devices and evaluate it at times after programming")
     analog.add_argument("run_dir", help="run directory (latest checkpoint) or "
@@ -340,6 +360,10 @@ def make_parser() -> argparse.ArgumentParser:
                         help="report directory (default <run_dir>/analog_eval/<time>)")
     analog.add_argument("--quiet", action="store_true")
     analog.set_defaults(func=_cmd_evaluate_analog)
+
+
+def _add_prune(sub: Any) -> None:
+    """The ``prune`` command's arguments."""
     prune = sub.add_parser(
         "prune", help="one-shot post-training pruning of a trained run with calibration "
         "data (magnitude, Wanda, SparseGPT, DSF)",
@@ -373,6 +397,10 @@ def make_parser() -> argparse.ArgumentParser:
     prune.add_argument("--step", type=int, default=None, help="checkpoint step")
     prune.add_argument("--quiet", action="store_true")
     prune.set_defaults(func=_cmd_prune)
+
+
+def _add_compress(sub: Any) -> None:
+    """The ``compress`` command's arguments."""
     compress = sub.add_parser(
         "compress", help="post-training compression of a trained run's linear layers to a "
         "bits-per-weight budget (1-bit signed cuts; absmax RTN and truncated SVD)",
@@ -390,6 +418,21 @@ def make_parser() -> argparse.ArgumentParser:
     compress.add_argument("--step", type=int, default=None, help="checkpoint step")
     compress.add_argument("--quiet", action="store_true")
     compress.set_defaults(func=_cmd_compress)
+
+
+# One small builder per command: a new command is its builder plus its _cmd_ function.
+COMMANDS = (_add_train, _add_prepare, _add_sample, _add_layers, _add_compare,
+            _add_evaluate_analog, _add_prune, _add_compress)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The ``sparsejax`` argument parser: one sub-command per :data:`COMMANDS` builder."""
+    parser = argparse.ArgumentParser(prog="sparsejax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

@@ -347,6 +347,39 @@ def _make_pair(index: int, a: Loaded, b: Loaded) -> Pair:
 # --------------------------------------------------------------------------- comparison
 
 
+def _compare_point(point: list[tuple[Path, int]], first: bool, pairs: list[Pair],
+                   rows: list[dict[str, Any]], notes: list[dict[str, Any]], writers: list[Any],
+                   partial: Path | None, progress: Any) -> None:
+    """Restore the checkpoints of one step ``point`` (``[(run, step), ...]``), compare every
+    later one with the first, append the rows (and, at the ``first`` point, the notes on
+    layers not in both) and write the pair's TensorBoard step; opens a pair's writer the
+    first time it is seen."""
+    loaded = []
+    for run, s in point:
+        if progress:
+            progress(f"restoring {run} at step {s}")
+        loaded.append(load_checkpoint(run, s))
+    a = loaded[0]
+    for i, b in enumerate(loaded[1:]):
+        if len(pairs) <= i:
+            pairs.append(_make_pair(i, a, b))
+            if partial is not None:
+                writers.append(_open_writer(partial / pairs[i].name))
+        shared = [p for p in a.weights
+                  if p in b.weights and b.weights[p].shape == a.weights[p].shape]
+        for path in shared:
+            rows.append({"pair": pairs[i].name, "step": b.step, "step_a": a.step,
+                         "step_b": b.step, "layer": path,
+                         **layer_metrics(a, b, path)})
+        if first:
+            notes.extend({"pair": pairs[i].name, "layer": p,
+                          "note": "not in both checkpoints (or of different shapes)"}
+                         for p in sorted(a.weights.keys() ^ b.weights.keys()
+                                         | a.weights.keys() - set(shared)))
+        if writers:
+            _write_step(writers[i], a, b, shared)
+
+
 def compare_checkpoints(paths: list[str | Path], step: int | None = None,
                         logdir: str | Path | None = None, name: str | None = None,
                         steps: list[int] | None = None, progress=None) -> Comparison:
@@ -371,30 +404,8 @@ def compare_checkpoints(paths: list[str | Path], step: int | None = None,
     writers: list[Any] = []
     try:
         for point in points:
-            loaded = []
-            for run, s in point:
-                if progress:
-                    progress(f"restoring {run} at step {s}")
-                loaded.append(load_checkpoint(run, s))
-            a = loaded[0]
-            for i, b in enumerate(loaded[1:]):
-                if len(pairs) <= i:
-                    pairs.append(_make_pair(i, a, b))
-                    if partial is not None:
-                        writers.append(_open_writer(partial / pairs[i].name))
-                shared = [p for p in a.weights
-                          if p in b.weights and b.weights[p].shape == a.weights[p].shape]
-                for path in shared:
-                    rows.append({"pair": pairs[i].name, "step": b.step, "step_a": a.step,
-                                 "step_b": b.step, "layer": path,
-                                 **layer_metrics(a, b, path)})
-                if point is points[0]:
-                    notes.extend({"pair": pairs[i].name, "layer": p,
-                                  "note": "not in both checkpoints (or of different shapes)"}
-                                 for p in sorted(a.weights.keys() ^ b.weights.keys()
-                                                 | a.weights.keys() - set(shared)))
-                if writers:
-                    _write_step(writers[i], a, b, shared)
+            _compare_point(point, point is points[0], pairs, rows, notes, writers, partial,
+                           progress)
         result = Comparison(pairs, rows + notes, root)
         for pair, writer in zip(pairs, writers, strict=False):  # no writers: no logdir
             _write_summary(writer, pair, result, layout=writer is writers[0],

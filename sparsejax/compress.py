@@ -36,6 +36,7 @@ from sparsejax.nn import Linear, assign_rules, named_layers
 from sparsejax.numerics.signed_cuts import signed_cut_width, signed_cuts
 from sparsejax.quant import absmax_ste, quantize
 from sparsejax.runs import load_model, resolve_checkpoint, write_step_zero_run
+from sparsejax.transforms import CustomMatmul
 
 __all__ = ["COMPRESSORS", "compress_run", "compress_weight"]
 
@@ -93,6 +94,27 @@ def _still_matches(model: Any, first: RuleConfig, rule: Any) -> bool:
     return True
 
 
+def _compress_layers(targets: list[tuple[str, Linear]], method: str, bits: float,
+                     progress: Callable[[str], None] | None
+                     ) -> tuple[list[dict[str, Any]], float, int]:
+    """Compress each target's inference weight in place (its weight transforms folded in);
+    the per-layer report, the bits stored and the weights compressed."""
+    per_layer, stored, total = [], 0.0, 0
+    for path, layer in targets:
+        w = layer.effective_kernel()
+        approx, used = compress_weight(method, w, bits)
+        error = float(jnp.linalg.norm(approx - w) / jnp.linalg.norm(w))
+        layer.kernel[...] = approx
+        layer.configure({}, layer.seed)  # its weight transforms are folded into the kernel
+        per_layer.append({"path": path, "shape": list(w.shape), "bits_per_weight": used,
+                          "rel_error": error})
+        stored, total = stored + used * w.size, total + w.size
+        if progress:
+            progress(f"  {path:24s} {method} {used:.3f} bits/weight: relative error "
+                     f"{error:.4f}")
+    return per_layer, stored, total
+
+
 def compress_run(run_dir: str | Path, out: str | Path, *, method: str, bits: float,
                  layers: str = r"blocks/\d+/(attn|mlp)/.*", step: int | None = None,
                  progress: Callable[[str], None] | None = print) -> dict[str, Any]:
@@ -121,25 +143,16 @@ def compress_run(run_dir: str | Path, out: str | Path, *, method: str, bits: flo
     if not targets:
         paths = ", ".join(p for p, _ in named_layers(model, (Linear,)))
         raise ConfigError(f"--layers '{layers}' matches no linear layer; they are: {paths}")
-    for path, layer in targets:  # only weight sparsity / quantisation fold into a kernel
-        if layer.act_quant is not None or layer.analog is not None:
-            raise ConfigError(f"layer {path} has an input-quantisation or analog transform, "
-                              "which compression cannot fold into its weights; leave it out "
-                              "with --layers")
+    for path, layer in targets:  # only weight transforms with the plain product fold
+        refused = [slot.spec for _, slot in layer.slots() if slot.role != "weights"
+                   or (isinstance(slot.spec, CustomMatmul) and slot.spec.exclusive_matmul)]
+        if refused:
+            raise ConfigError(f"layer {path} has a {refused[0].kind} '{refused[0].method}' "
+                              "transform that is not a weight transform under x @ W (input "
+                              "quantisation, its own product), which compression cannot fold "
+                              "into its weights; leave it out with --layers")
     before = evaluate_model(model, cfg)
-    per_layer, stored, total = [], 0.0, 0
-    for path, layer in targets:
-        w = layer.effective_kernel()
-        approx, used = compress_weight(method, w, bits)
-        error = float(jnp.linalg.norm(approx - w) / jnp.linalg.norm(w))
-        layer.kernel[...] = approx
-        layer.configure({}, layer.seed)  # its weight transforms are folded into the kernel
-        per_layer.append({"path": path, "shape": list(w.shape), "bits_per_weight": used,
-                          "rel_error": error})
-        stored, total = stored + used * w.size, total + w.size
-        if progress:
-            progress(f"  {path:24s} {method} {used:.3f} bits/weight: relative error "
-                     f"{error:.4f}")
+    per_layer, stored, total = _compress_layers(targets, method, bits, progress)
     after = evaluate_model(model, cfg)
     report = {"source": str(source_dir), "source_step": step, "method": method,
               "bits": bits, "layers": layers, "bits_per_weight": stored / total,

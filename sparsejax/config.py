@@ -411,7 +411,13 @@ def _require(cond: bool, key: str, msg: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks OmegaConf's types cannot express. Raises :class:`ConfigError`."""
-    m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
+    for check in (_validate_name_and_floats, _validate_ranges, _validate_mesh, _validate_data,
+                  _validate_rules):
+        check(cfg)
+
+
+def _validate_name_and_floats(cfg: Config) -> None:
+    """The run name stays inside runs/; every float is finite."""
     _require(bool(re.fullmatch(r"[\w.\-=,/+]+", cfg.name)), "name",
              f"'{cfg.name}' must be letters, digits and . _ - = , / + only")
     # the run directory is runs/<name> unless run_dir is set: a name may nest (sweeps use
@@ -420,6 +426,11 @@ def validate(cfg: Config) -> None:
              f"'{cfg.name}' must stay inside runs/: no empty, '.' or '..' path components")
     for key, value in _float_fields(cfg):
         _require(math.isfinite(value), key, f"must be a finite number, got {value}")
+
+
+def _validate_ranges(cfg: Config) -> None:
+    """Sizes, counts and rates within their ranges."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
     for key, value in [("model.block_size", m.block_size), ("model.n_layer", m.n_layer),
                        ("model.n_head", m.n_head), ("model.n_embd", m.n_embd),
                        ("model.mlp_ratio", m.mlp_ratio),
@@ -450,6 +461,10 @@ def validate(cfg: Config) -> None:
     _require(cfg.logging.progress in ("auto", "bar", "lines", "none"), "logging.progress",
              f"'{cfg.logging.progress}' is not one of auto|bar|lines|none")
 
+
+def _validate_mesh(cfg: Config) -> None:
+    """Mesh axis sizes, and a batch that splits over them and the micro-batches."""
+    d, t = cfg.data, cfg.train
     sizes = {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp,
              "mesh.tensor": cfg.mesh.tensor}
     for key, value in sizes.items():
@@ -467,6 +482,10 @@ def validate(cfg: Config) -> None:
                  f"data.batch_size={d.batch_size} does not split into {t.grad_accum} "
                  f"micro-batches of whole rows per device (mesh.data * mesh.fsdp = {split})")
 
+
+def _validate_data(cfg: Config) -> None:
+    """A data source the model kind can read, its path, the vocabulary."""
+    m, d = cfg.model, cfg.data
     byte_sources = (DataSource.stdlib, DataSource.text, DataSource.tokens)
     if m.kind == ModelKind.gpt:
         _require(d.source in byte_sources, "data.source",
@@ -481,6 +500,11 @@ def validate(cfg: Config) -> None:
         d.path = str(found)
     if m.kind == ModelKind.gpt:
         _resolve_vocab(cfg)
+
+
+def _validate_rules(cfg: Config) -> None:
+    """Each rule's regex and blocks; fields the whole optimiser shares agree."""
+    t = cfg.train
     shared: dict[tuple[type, str], tuple[int, Any]] = {}
     for i, rule in enumerate(cfg.rules):
         try:

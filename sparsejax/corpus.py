@@ -259,17 +259,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare(corpora: list[str | Path], out: str | Path, tokenizer: str = "bpe",
-            vocab_size: int = 8192, val_fraction: float = 0.1, overwrite: bool = False,
-            progress: bool | None = None) -> dict[str, Any]:
-    """Tokenize ``corpora`` into ``out`` (see the module docstring); returns the meta.
-
-    ``tokenizer``: ``bytes``, ``bpe`` (trained here with ``vocab_size`` tokens) or the path
-    of a ``tokenizer.json``. Raises :class:`PrepareError` (one line) on bad input, before
-    anything is written; the outputs appear together at the end (written to temporary
-    files first)."""
-    out = Path(out)
-    sources = [Path(c) for c in corpora]
+def _check_sources(sources: list[Path], val_fraction: float) -> None:
     if not sources:
         raise PrepareError("no corpus given")
     for path in sources:
@@ -279,65 +269,101 @@ def prepare(corpora: list[str | Path], out: str | Path, tokenizer: str = "bpe",
             raise PrepareError(f"corpus {path} is empty (needs at least a line of text)")
     if not 0.0 < val_fraction < 1.0:
         raise PrepareError(f"--val-fraction {val_fraction} must be in (0, 1)")
-    _check_output(out, overwrite)
-    progress = sys.stderr.isatty() if progress is None else progress
+
+
+def _make_tokenizer(tokenizer: str, sources: list[Path], vocab_size: int, progress: bool
+                    ) -> Tokenizer:
+    """Raw bytes, a BPE trained on ``sources``, or a ``tokenizer.json`` file."""
     if tokenizer == "bytes":
-        tok = Tokenizer()
-    elif tokenizer == "bpe":
-        tok = train_bpe(sources, vocab_size, progress)
-    else:
-        if not Path(tokenizer).is_file():
-            raise PrepareError(f"--tokenizer {tokenizer}: not bytes, bpe or a tokenizer.json "
-                               "file")
-        tok = Tokenizer.from_file(tokenizer)
-    dtype = token_dtype(tok.vocab_size)
-    out.mkdir(parents=True, exist_ok=True)
+        return Tokenizer()
+    if tokenizer == "bpe":
+        return train_bpe(sources, vocab_size, progress)
+    if not Path(tokenizer).is_file():
+        raise PrepareError(f"--tokenizer {tokenizer}: not bytes, bpe or a tokenizer.json file")
+    return Tokenizer.from_file(tokenizer)
+
+
+def _tokenize(sources: list[Path], tok: Tokenizer, dtype: np.dtype, val_fraction: float,
+              files: dict[str, Any], bar: Any) -> dict[str, dict[str, int]]:
+    """Write each source's train and validation parts, encoded, to ``files``; the token
+    and byte counts per split."""
     counts = {split: {"tokens": 0, "bytes": 0} for split in ("train", "val")}
-    total = sum(p.stat().st_size for p in sources)
+    for path in sources:
+        cut = _split_point(path, val_fraction)
+        for split, (start, stop) in (("train", (0, cut)), ("val", (cut, path.stat().st_size))):
+            for offset, chunk in _chunks(path, start=start, stop=stop):
+                text = _text(chunk, path, offset) if tok.hf is not None else chunk
+                ids = (tok.encode_pieces(_pieces(text)) if tok.hf is not None
+                       else tok.encode(text))
+                files[split].write(ids.astype(dtype).tobytes())
+                counts[split]["tokens"] += len(ids)
+                counts[split]["bytes"] += len(chunk)
+                bar.update(len(chunk))
+            if tok.eot_id is not None:
+                files[split].write(np.asarray([tok.eot_id], dtype).tobytes())
+                counts[split]["tokens"] += 1
+    return counts
+
+
+def _meta(tok: Tokenizer, tokenizer: str, dtype: np.dtype, counts: dict[str, Any],
+          sources: list[Path], val_fraction: float) -> dict[str, Any]:
+    return {"format": META_FORMAT, "vocab_size": tok.vocab_size, "dtype": dtype.name,
+            "tokenizer": "bytes" if tok.hf is None else (
+                "bpe" if tokenizer == "bpe" else str(tokenizer)),
+            "eot_id": tok.eot_id, "splits": counts,
+            "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)}
+                        for p in sources],
+            "split_rule": f"per source: the last {val_fraction} of its bytes, from the "
+                          "first line start at or after that point, is validation"
+                          + ("; each source's part of a split ends with <|endoftext|>"
+                             if tok.eot_id is not None else "")}
+
+
+def _publish(out: Path, temporary: dict[str, Path], tok: Tokenizer, meta: dict[str, Any]
+             ) -> None:
+    """Move the finished token files, tokenizer and meta into place."""
+    for split, path in temporary.items():
+        os.replace(path, out / f"{split}.bin")
+    if tok.hf is not None:
+        tok.hf.save(str(out / ".tokenizer.json.partial"))
+        os.replace(out / ".tokenizer.json.partial", out / "tokenizer.json")
+    elif (out / "tokenizer.json").exists():  # an overwritten BPE preparation
+        (out / "tokenizer.json").unlink()
+    (out / ".meta.json.partial").write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(out / ".meta.json.partial", out / "meta.json")
+
+
+def prepare(corpora: list[str | Path], out: str | Path, tokenizer: str = "bpe",
+            vocab_size: int = 8192, val_fraction: float = 0.1, overwrite: bool = False,
+            progress: bool | None = None) -> dict[str, Any]:
+    """Tokenize ``corpora`` into ``out`` (see the module docstring); returns the meta.
+
+    ``tokenizer``: ``bytes``, ``bpe`` (trained here with ``vocab_size`` tokens) or the path
+    of a ``tokenizer.json``. Raises :class:`PrepareError` (one line) on bad input, before
+    anything is written; the outputs appear together at the end (written to temporary
+    files first)."""
     from tqdm import tqdm
 
+    out = Path(out)
+    sources = [Path(c) for c in corpora]
+    _check_sources(sources, val_fraction)
+    _check_output(out, overwrite)
+    progress = sys.stderr.isatty() if progress is None else progress
+    tok = _make_tokenizer(tokenizer, sources, vocab_size, progress)
+    dtype = token_dtype(tok.vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    total = sum(p.stat().st_size for p in sources)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
-    temporary = {split: out / f".{split}.bin.partial" for split in counts}
+    temporary = {split: out / f".{split}.bin.partial" for split in ("train", "val")}
     try:
-        files = {split: open(temporary[split], "wb") for split in counts}
+        files = {split: open(path, "wb") for split, path in temporary.items()}
         try:
-            for path in sources:
-                cut = _split_point(path, val_fraction)
-                for split, (start, stop) in (("train", (0, cut)),
-                                             ("val", (cut, path.stat().st_size))):
-                    for offset, chunk in _chunks(path, start=start, stop=stop):
-                        text = _text(chunk, path, offset) if tok.hf is not None else chunk
-                        ids = (tok.encode_pieces(_pieces(text)) if tok.hf is not None
-                               else tok.encode(text))
-                        files[split].write(ids.astype(dtype).tobytes())
-                        counts[split]["tokens"] += len(ids)
-                        counts[split]["bytes"] += len(chunk)
-                        bar.update(len(chunk))
-                    if tok.eot_id is not None:
-                        files[split].write(np.asarray([tok.eot_id], dtype).tobytes())
-                        counts[split]["tokens"] += 1
+            counts = _tokenize(sources, tok, dtype, val_fraction, files, bar)
         finally:
             for f in files.values():
                 f.close()
-        meta = {"format": META_FORMAT, "vocab_size": tok.vocab_size, "dtype": dtype.name,
-                "tokenizer": "bytes" if tok.hf is None else (
-                    "bpe" if tokenizer == "bpe" else str(tokenizer)),
-                "eot_id": tok.eot_id, "splits": counts,
-                "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)}
-                            for p in sources],
-                "split_rule": f"per source: the last {val_fraction} of its bytes, from the "
-                              "first line start at or after that point, is validation"
-                              + ("; each source's part of a split ends with <|endoftext|>"
-                                 if tok.eot_id is not None else "")}
-        for split in counts:
-            os.replace(temporary[split], out / f"{split}.bin")
-        if tok.hf is not None:
-            tok.hf.save(str(out / ".tokenizer.json.partial"))
-            os.replace(out / ".tokenizer.json.partial", out / "tokenizer.json")
-        elif (out / "tokenizer.json").exists():  # an overwritten BPE preparation
-            (out / "tokenizer.json").unlink()
-        (out / ".meta.json.partial").write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(out / ".meta.json.partial", out / "meta.json")
+        meta = _meta(tok, tokenizer, dtype, counts, sources, val_fraction)
+        _publish(out, temporary, tok, meta)
     finally:
         bar.close()
         for path in temporary.values():

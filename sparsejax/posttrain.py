@@ -180,6 +180,25 @@ def parse_nm(text: str) -> tuple[int, int]:
     return int(n), int(m)
 
 
+def _overall_density(reports: Sequence[LayerReport]) -> float:
+    """Stored non-zeros over the weights of every pruned layer."""
+    kept = sum(r.density * math.prod(r.shape) for r in reports)
+    return kept / sum(math.prod(r.shape) for r in reports)
+
+
+def _check_prune_arguments(out: Path, method: str, sparsity: float | None,
+                           nm: tuple[int, int] | None, calib_batches: int) -> None:
+    """Raise :class:`ConfigError` naming the flag of a bad ``prune`` argument."""
+    if method not in methods("prune"):
+        raise ConfigError(f"--method '{method}' is not one of {'|'.join(methods('prune'))}")
+    if (sparsity is None) == (nm is None):
+        raise ConfigError("give one of --sparsity and --nm")
+    if calib_batches < 1:
+        raise ConfigError(f"--calib-batches must be >= 1, got {calib_batches}")
+    if out.exists():
+        raise ConfigError(f"--out {out} exists; choose a new directory")
+
+
 def prune_run(run_dir: str | Path, out: str | Path, *, method: str,
               sparsity: float | None = None, nm: tuple[int, int] | None = None,
               layers: str = ".*", calib_batches: int = 32, calib_seed: int | None = None,
@@ -196,14 +215,7 @@ def prune_run(run_dir: str | Path, out: str | Path, *, method: str,
     sparsity or regex, a run without checkpoints, an existing ``out``, or a layer that
     cannot be pruned (e.g. a singular calibration matrix)."""
     out = Path(out)
-    if method not in methods("prune"):
-        raise ConfigError(f"--method '{method}' is not one of {'|'.join(methods('prune'))}")
-    if (sparsity is None) == (nm is None):
-        raise ConfigError("give one of --sparsity and --nm")
-    if calib_batches < 1:
-        raise ConfigError(f"--calib-batches must be >= 1, got {calib_batches}")
-    if out.exists():
-        raise ConfigError(f"--out {out} exists; choose a new directory")
+    _check_prune_arguments(out, method, sparsity, nm, calib_batches)
     source_dir, step = resolve_checkpoint(run_dir, step)
     source, cfg, step = load_model(source_dir, step)
     new_cfg = copy.deepcopy(cfg)
@@ -238,13 +250,11 @@ def prune_run(run_dir: str | Path, out: str | Path, *, method: str,
         raise ConfigError(str(err)) from None
     seconds = time.perf_counter() - start
     after = evaluate_model(model, new_cfg)
-    kept = sum(r.density * math.prod(r.shape) for r in reports)
-    size = sum(math.prod(r.shape) for r in reports)
     report = {"source": str(source_dir), "source_step": step, "method": method,
               "pattern": reports[0].pattern, "layers": layers,
               "calib_batches": calib_batches, "calib_seed": calib_seed,
               "sequential": sequential, "prune_seconds": seconds,
-              "density": kept / size, "before": before, "after": after,
+              "density": _overall_density(reports), "before": before, "after": after,
               "per_layer": [asdict(r) for r in reports]}
     write_step_zero_run(out, new_cfg, model, "prune.json", report, "pruning")
     return report

@@ -17,6 +17,7 @@ restarted from its latest checkpoint - after ``kill -9`` too - ends bitwise iden
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -103,6 +104,49 @@ def out_of_memory_message(cfg: Config, err: BaseException, stage: str,
 # --------------------------------------------------------------------------- building blocks
 
 
+def _forward_backward(graphdef: nnx.GraphDef, task: Task, params: Any, rest: Any,
+                      batch: Any, key: jax.Array | None) -> tuple[Any, jax.Array, dict, Any]:
+    """``(grads, task loss, aux metrics, new rest)`` of one batch: the gradient of the task
+    loss plus the transforms' loss terms."""
+
+    def loss_of(p):
+        # copy=True: transforms update their state (counters) inside the grad trace,
+        # which NNX only allows on variables created in that trace.
+        model = nnx.merge(graphdef, p, rest, copy=True)
+        loss, aux = task.loss(model, batch, key)
+        terms = loss_terms(model)
+        objective = loss
+        for term in terms.values():
+            objective = objective + term
+        return objective, (loss, {**aux, **terms}, nnx.split(model, nnx.Param, ...)[2])
+
+    (_, (loss, aux, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+    return grads, loss, aux, new_rest
+
+
+def _accumulate(graphdef: nnx.GraphDef, task: Task, grad_accum: int, params: Any, rest: Any,
+                batch: Any, key: jax.Array | None) -> tuple[Any, jax.Array, dict, Any]:
+    """:func:`_forward_backward` over ``grad_accum`` micro-batches (rows ``i::k``) in a
+    ``lax.scan``: the mean gradient, loss and metrics, and the last micro-batch's rest."""
+    micro = jax.tree.map(lambda x: jnp.swapaxes(
+        x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 0, 1), batch)
+
+    def body(carry, inputs):
+        index, part = inputs
+        part_key = None if key is None else jax.random.fold_in(key, index)
+        grads, loss, aux, new_rest = _forward_backward(graphdef, task, params, rest, part,
+                                                       part_key)
+        sums = jax.tree.map(jnp.add, carry[0], (grads, loss, aux))
+        return (sums, new_rest), None
+
+    first = jax.eval_shape(functools.partial(_forward_backward, graphdef, task), params, rest,
+                           jax.tree.map(lambda x: x[0], micro), key)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), first[:3])
+    (sums, new_rest), _ = jax.lax.scan(body, (zeros, rest), (jnp.arange(grad_accum), micro))
+    grads, loss, aux = jax.tree.map(lambda x: x / grad_accum, sums)
+    return grads, loss, aux, new_rest
+
+
 def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransformation,
                     use_dropout: bool, frozen_labels: Any = None, grad_accum: int = 1):
     """The pure train step ``(params, rest, opt_state, rng, batch, step) ->
@@ -124,46 +168,14 @@ def make_train_step(graphdef: nnx.GraphDef, task: Task, tx: optax.GradientTransf
     mask or noise for all of them, as it does for all rows of a batch); the dropout key is
     folded with the micro-batch index. Activations live for one micro-batch at a time."""
 
-    def forward_backward(params, rest, batch, key):
-        def loss_of(p):
-            # copy=True: transforms update their state (counters) inside the grad trace,
-            # which NNX only allows on variables created in that trace.
-            model = nnx.merge(graphdef, p, rest, copy=True)
-            loss, aux = task.loss(model, batch, key)
-            terms = loss_terms(model)
-            objective = loss
-            for term in terms.values():
-                objective = objective + term
-            return objective, (loss, {**aux, **terms}, nnx.split(model, nnx.Param, ...)[2])
-
-        (_, (loss, aux, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-        return grads, loss, aux, new_rest
-
-    def accumulate(params, rest, batch, key):
-        micro = jax.tree.map(lambda x: jnp.swapaxes(
-            x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 0, 1), batch)
-
-        def body(carry, inputs):
-            index, part = inputs
-            part_key = None if key is None else jax.random.fold_in(key, index)
-            grads, loss, aux, new_rest = forward_backward(params, rest, part, part_key)
-            sums = jax.tree.map(jnp.add, carry[0], (grads, loss, aux))
-            return (sums, new_rest), None
-
-        first = jax.eval_shape(forward_backward, params, rest,
-                               jax.tree.map(lambda x: x[0], micro), key)
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), first[:3])
-        (sums, new_rest), _ = jax.lax.scan(body, (zeros, rest),
-                                           (jnp.arange(grad_accum), micro))
-        grads, loss, aux = jax.tree.map(lambda x: x / grad_accum, sums)
-        return grads, loss, aux, new_rest
-
     def train_step(params, rest, opt_state, rng, batch, step):
         key = jax.random.fold_in(jax.random.wrap_key_data(rng), step) if use_dropout else None
         if grad_accum > 1:
-            grads, loss, aux, new_rest = accumulate(params, rest, batch, key)
+            grads, loss, aux, new_rest = _accumulate(graphdef, task, grad_accum, params, rest,
+                                                     batch, key)
         else:
-            grads, loss, aux, new_rest = forward_backward(params, rest, batch, key)
+            grads, loss, aux, new_rest = _forward_backward(graphdef, task, params, rest, batch,
+                                                           key)
         model = nnx.merge(graphdef, params, new_rest, copy=True)
         if has_updates(model):  # gradient-time hooks (decided while tracing)
             grad_model = nnx.merge(graphdef, grads, new_rest, copy=True)
