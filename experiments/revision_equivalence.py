@@ -58,6 +58,22 @@ CASES = {  # name -> (config, overrides); each is valid under both revisions
     "MLP analog tile": ("mlp_analog", ["rules.0.analog.dac_bits=8", "rules.0.analog.adc_bits=8",
                                        "rules.0.analog.out_noise=0.04",
                                        "rules.0.analog.read_noise=0.0175"]),
+    "dense gpt_tiny": ("gpt_tiny", []),
+    "gmp": ("gpt_tiny", [f"rules=[{{path: '{FFN}', sparsity: {{method: gmp, sparsity: 0.5, "
+                         "dt: 5}}]"]),
+    "set": ("gpt_tiny", [f"rules=[{{path: '{FFN}', sparsity: {{method: set, sparsity: 0.5, "
+                         "dt: 5}}]"]),
+    "rigl": ("gpt_tiny", [f"rules=[{{path: '{FFN}', sparsity: {{method: rigl, sparsity: 0.5, "
+                          "dt: 5}}]"]),
+    "gain-cell from scratch": ("gpt_gaincell", ["rules.0.attention.calib_batches=0"]),
+    "gain-cell calibrated from a teacher": ("gpt_gaincell", ["train.init_from=@teacher",
+                                                             "rules.0.attention.calib_batches=2"]),
+    "cskv from a teacher": ("gpt_cskv", ["train.init_from=@teacher",
+                                         "rules.0.attention.calib_batches=2"]),
+    "lmul attention": ("gpt_tiny", ["rules=[{path: 'blocks/\\d+/attn', attention: "
+                                    "{method: lmul}}]"]),
+    "fp8 attention": ("gpt_tiny", ["rules=[{path: 'blocks/\\d+/attn', attention: "
+                                   "{method: fp8}}]"]),
     "GPT sste + analog": ("gpt_sste", [
         f"rules=[{{path: '{FFN}', sparsity: {{method: sste}}, analog: {{weight_noise: 0.06, "
         "clip_alpha: 2.5, out_noise: 0.04}}, {path: 'blocks/\\d+/mlp/act', analog: "
@@ -90,9 +106,14 @@ from sparsejax.train import run
 config, overrides = sys.argv[1], json.loads(sys.argv[2])
 d = tempfile.mkdtemp()
 base = ["train.steps=30", "train.eval_every=15", "train.eval_batches=2",
-        "logging.tensorboard=false", "logging.progress=none", "checkpoint.every=15",
-        f"run_dir={d}/run"] + ([] if "mlp" in config else ["data.max_bytes=200000"])
-r = run(load_config(f"configs/{config}.yaml", base + overrides), verbose=False)
+        "logging.tensorboard=false", "logging.progress=none", "checkpoint.every=15"
+        ] + ([] if "mlp" in config else ["data.max_bytes=200000"])
+if "train.init_from=@teacher" in overrides:  # a 15-step softmax run of the same config first
+    run(load_config(f"configs/{config}.yaml", base + ["rules=[]", "train.steps=15",
+                                                      f"run_dir={d}/teacher"]), verbose=False)
+    overrides = [o.replace("@teacher", f"{d}/teacher") for o in overrides]
+r = run(load_config(f"configs/{config}.yaml", base + overrides + [f"run_dir={d}/run"]),
+        verbose=False)
 model, _, _ = load_model(f"{d}/run")
 h = hashlib.sha256()
 leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
@@ -152,12 +173,29 @@ def time_side_by_side(roots: dict[str, Path], rounds: int, steps: int) -> dict:
     return times
 
 
+def _timing_table(roots: dict[str, Path], rounds: int, steps: int) -> list[str]:
+    times = time_side_by_side(roots, rounds, steps)
+    lines = ["", "## Step time of the compiled trainer step (configs/gpt_tiny.yaml)", "",
+             "| variant | base ms | this ms | this / base (median of per-round ratios) |",
+             "|---|---|---|---|"]
+    for name in TIMED:
+        a, b = times[("base", name)], times[("this", name)]
+        ratio = statistics.median(y / x for x, y in zip(a, b, strict=True))
+        lines.append(f"| {name} | {1000 * statistics.median(a):.1f} | "
+                     f"{1000 * statistics.median(b):.1f} | {ratio:.3f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="git revision to compare against")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--out", default=str(REPO / "experiments/results/revision_equivalence"))
+    parser.add_argument("--no-timing", action="store_true", help="the bitwise part only")
+    parser.add_argument("--golden", default=None, metavar="JSON",
+                        help="also write the base revision's results per case (the golden "
+                        "file of tests/test_same_numbers.py)")
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp()) / "base"
@@ -169,23 +207,22 @@ def main() -> None:
         roots = {"base": base, "this": REPO}
         lines = [f"# This checkout ({head}, uncommitted changes included) against {args.base}",
                  "", f"Command: `python experiments/revision_equivalence.py --base {args.base} "
-                 f"--rounds {args.rounds} --steps {args.steps}`", "",
+                 f"--rounds {args.rounds} --steps {args.steps}"
+                 f"{' --no-timing' if args.no_timing else ''}`", "",
                  "## Bitwise: 30-step runs", "",
                  "| case | train loss | val loss | weights hash | equal |", "|---|---|---|---|---|"]
+        golden = {}
         for name, (config, overrides) in CASES.items():
             a, b = (run_case(root, config, overrides) for root in roots.values())
+            golden[name] = {"config": config, "overrides": overrides, **a}
             lines.append(f"| {name} | {b['train_loss']!r} | {b['val_loss']!r} | "
                          f"{b['weights']} | {'yes' if a == b else f'NO (base {a})'} |")
             print(lines[-1], flush=True)
-        times = time_side_by_side(roots, args.rounds, args.steps)
-        lines += ["", "## Step time of the compiled trainer step (configs/gpt_tiny.yaml)", "",
-                  "| variant | base ms | this ms | this / base (median of per-round ratios) |",
-                  "|---|---|---|---|"]
-        for name in TIMED:
-            a, b = times[("base", name)], times[("this", name)]
-            ratio = statistics.median(y / x for x, y in zip(a, b, strict=True))
-            lines.append(f"| {name} | {1000 * statistics.median(a):.1f} | "
-                         f"{1000 * statistics.median(b):.1f} | {ratio:.3f} |")
+        if args.golden:
+            Path(args.golden).write_text(json.dumps({"base": args.base, "cases": golden},
+                                                    indent=1) + "\n")
+        if not args.no_timing:
+            lines += _timing_table(roots, args.rounds, args.steps)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO,
                        capture_output=True)

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-
-from sparsejax.config import Config, load_config
-
 REPO = Path(__file__).resolve().parents[1]
+# Compiled executables are shared by every test, both xdist workers and the CLI
+# subprocesses through JAX's persistent cache: most tests compile the same few tiny train
+# steps, and on 2 CPU cores compiling is most of their time. The key covers the program,
+# the JAX version, the backend and the flags, so a hit runs the identical executable
+# (same numbers); set before JAX first compiles (the environment reaches subprocesses).
+JAX_CACHE = {"JAX_COMPILATION_CACHE_DIR": str(REPO / ".pytest_cache" / "jax"),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+for _key, _value in JAX_CACHE.items():
+    os.environ.setdefault(_key, _value)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from sparsejax.config import Config, load_config  # noqa: E402
+
+# in case JAX was imported before this file
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 TINY_GPT = [
     "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
     "data.max_bytes=200000", "data.batch_size=8",
