@@ -34,6 +34,7 @@ from sparsejax.transforms import (
     Context,
     GradientHook,
     ParamGroup,
+    block_for_key,
     log_keys,
     rule_blocks,
     rule_field,
@@ -84,7 +85,6 @@ def assign_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
     hosts = {t: [] for t in LAYER_TYPE_NAMES}
     for path, layer in named_layers(model, LAYER_TYPES):
         hosts[layer.layer_type].append(path)
-    activations = hosts["activation"]
     compiled = [re.compile(rule.path if not isinstance(rule, dict) else rule["path"])
                 for rule in rules]
     eligible = [[p for t in _claimed_types(rule) for p in hosts[t]] for rule in rules]
@@ -98,13 +98,28 @@ def assign_rules(model: nnx.Module, rules: Sequence[Any]) -> dict[str, int]:
         if not any(pattern.fullmatch(path) for path in eligible[i]):
             raise ValueError(f"rules.{i}.path '{pattern.pattern}' matches no layer; "
                              f"layer paths are: {', '.join(eligible[i])}")
-        analog = rule_field(rules[i], "analog")
-        if (analog is not None and (rule_field(analog, "act_noise") or 0) > 0
-                and not any(pattern.fullmatch(p) for p in activations)):
-            raise ValueError(f"rules.{i}.analog.act_noise is set but rules.{i}.path "
-                             f"'{pattern.pattern}' matches no activation layer; activation "
-                             f"paths are: {', '.join(activations)}")
+        _check_needed_roles(rules[i], i, pattern, hosts)
     return assignment
+
+
+def _check_needed_roles(rule: Any, index: int, pattern: re.Pattern,
+                        hosts: dict[str, list[str]]) -> None:
+    """Raise ``ValueError`` when a spec of ``rule`` needs a site role
+    (:meth:`~sparsejax.transforms.Transform.needed_roles`, e.g. the analog tile's
+    ``act_noise`` on activation outputs) that no layer the rule's path matches has."""
+    try:
+        specs = rule_specs(rule)
+    except ValueError:  # apply_rules reports a bad block with its rule
+        return
+    for key, spec in specs.values():
+        for role, field in spec.needed_roles():
+            types = [t for t, r in block_for_key(key).layers.items() if r == role]
+            paths = [p for t in types for p in hosts[t]]
+            if not any(pattern.fullmatch(p) for p in paths):
+                kind = "|".join(types)
+                raise ValueError(f"rules.{index}.{key}.{field} is set but rules.{index}.path "
+                                 f"'{pattern.pattern}' matches no {kind} layer; {kind} "
+                                 f"paths are: {', '.join(paths)}")
 
 
 def apply_rules(model: nnx.Module, rules: Sequence[Any], total_steps: int | None = None

@@ -39,6 +39,7 @@ from sparsejax.transforms.base import (
 from sparsejax.transforms.kinds import (
     LAYER_TYPE_NAMES,
     RuleBlock,
+    block_for_key,
     declare_block,
     default_method,
     layer_stages,
@@ -50,8 +51,8 @@ from sparsejax.transforms.kinds import (
 __all__ = ["LAYER_TYPE_NAMES", "AttentionCalibration", "AttentionData", "AttentionMethod",
            "CachedAttention", "Calibration", "Context", "CustomMatmul", "GradientHook",
            "GramCalibration", "Metrics", "NoiseCounter", "Packable", "ParamGroup", "RuleBlock",
-           "Site", "SpecError", "Transform", "View", "analog", "attention", "build_spec",
-           "check_pipeline", "declare_block", "default_method", "head_statistics",
-           "layer_stages", "log_keys", "methods", "prune", "quant", "register", "rule_blocks",
-           "rule_field", "rule_specs", "select_matmul", "spec_class", "spec_fields",
-           "sparsity", "weight_stages"]
+           "Site", "SpecError", "Transform", "View", "analog", "attention", "block_for_key",
+           "build_spec", "check_pipeline", "declare_block", "default_method",
+           "head_statistics", "layer_stages", "log_keys", "methods", "prune", "quant",
+           "register", "rule_blocks", "rule_field", "rule_specs", "select_matmul",
+           "spec_class", "spec_fields", "sparsity", "weight_stages"]

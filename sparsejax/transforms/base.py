@@ -221,6 +221,11 @@ class Transform:
         """Raise :class:`SpecError` when the method cannot follow ``earlier`` (the
         transforms before it on the same weight)."""
 
+    def needed_roles(self) -> tuple[tuple[str, str], ...]:
+        """``((site role, field), ...)``: roles a rule using these settings must reach on
+        some layer (the field that asks for it is named when none is matched)."""
+        return ()
+
     def bind(self, total_steps: int) -> Transform:
         """The spec for a run of ``total_steps`` (e.g. schedules left at 0 take it)."""
         return self

@@ -78,6 +78,10 @@ class AnalogSpec(CustomMatmul, NoiseCounter, Transform):
 
     roles = ("weights", "outputs")
 
+    def needed_roles(self) -> tuple[tuple[str, str], ...]:
+        """Activation noise acts on an activation layer's outputs."""
+        return (("outputs", "act_noise"),) if self.act_noise > 0 else ()
+
     def check(self) -> None:
         for name in ("weight_noise", "clip_alpha", "act_noise", "out_noise", "read_noise"):
             if getattr(self, name) < 0:
