@@ -1,7 +1,7 @@
 """Does a refactor change what sparsejax computes, or how fast? This checkout against an
 earlier git revision, side by side.
 
-1. *Bitwise*: short runs (30 steps) of every method and combination the configs and README
+1. *Bitwise*: short runs (12 steps, 2 layers, context 64, batch 8) of every method and combination the configs and README
    use - S-STE / STE / SR-STE / dense / MVUE / FP8 / the packed kernel, MaskLLM frozen and
    joint, DAT / absmax-STE / LSQ / FP8 quantisation, S-STE + DAT, analog tiles, S-STE +
    analog + activation noise - under both revisions; final train and validation loss and a
@@ -105,11 +105,12 @@ except ImportError:  # a revision from before the run store
 from sparsejax.train import run
 config, overrides = sys.argv[1], json.loads(sys.argv[2])
 d = tempfile.mkdtemp()
-base = ["train.steps=30", "train.eval_every=15", "train.eval_batches=2",
-        "logging.tensorboard=false", "logging.progress=none", "checkpoint.every=15"
-        ] + ([] if "mlp" in config else ["data.max_bytes=200000"])
-if "train.init_from=@teacher" in overrides:  # a 15-step softmax run of the same config first
-    run(load_config(f"configs/{config}.yaml", base + ["rules=[]", "train.steps=15",
+base = ["train.steps=12", "train.eval_every=6", "train.eval_batches=1",
+        "logging.tensorboard=false", "logging.progress=none", "checkpoint.every=6",
+        "data.batch_size=8"] + ([] if "mlp" in config else [
+            "data.max_bytes=200000", "model.n_layer=2", "model.block_size=64"])
+if "train.init_from=@teacher" in overrides:  # a 6-step softmax run of the same config first
+    run(load_config(f"configs/{config}.yaml", base + ["rules=[]", "train.steps=6",
                                                       f"run_dir={d}/teacher"]), verbose=False)
     overrides = [o.replace("@teacher", f"{d}/teacher") for o in overrides]
 r = run(load_config(f"configs/{config}.yaml", base + overrides + [f"run_dir={d}/run"]),
@@ -209,7 +210,7 @@ def main() -> None:
                  "", f"Command: `python experiments/revision_equivalence.py --base {args.base} "
                  f"--rounds {args.rounds} --steps {args.steps}"
                  f"{' --no-timing' if args.no_timing else ''}`", "",
-                 "## Bitwise: 30-step runs", "",
+                 "## Bitwise: 12-step runs (2 layers, context 64, batch 8)", "",
                  "| case | train loss | val loss | weights hash | equal |", "|---|---|---|---|---|"]
         golden = {}
         for name, (config, overrides) in CASES.items():

@@ -28,6 +28,7 @@ from omegaconf import errors as oc_errors
 
 from sparsejax.corpus import read_meta
 from sparsejax.errors import CheckpointError, ConfigError
+from sparsejax.models.family import families, family, field_default, model_fields
 from sparsejax.transforms import (
     RuleBlock,
     SpecError,
@@ -48,7 +49,6 @@ __all__ = [
     "LoggingConfig",
     "MeshConfig",
     "ModelConfig",
-    "ModelKind",
     "OptimizerConfig",
     "RuleConfig",
     "TrainConfig",
@@ -78,11 +78,6 @@ def resolve_data_path(path: str | Path) -> Path | None:
     return None
 
 
-class ModelKind(str, enum.Enum):
-    gpt = "gpt"
-    mlp = "mlp"
-
-
 class DataSource(str, enum.Enum):
     stdlib = "stdlib"  # byte corpus from the running Python's standard-library sources
     text = "text"  # any text file, read as bytes
@@ -90,24 +85,23 @@ class DataSource(str, enum.Enum):
     digits = "digits"  # scikit-learn's bundled 8x8 digits (classification)
 
 
-@dataclass
-class ModelConfig:
-    kind: ModelKind = ModelKind.gpt
-    # GPT. null: from the data (256 for bytes; a prepared corpus's meta.json). Larger than
-    # the data's vocabulary pads the embedding (e.g. 50304 for GPT-2's 50257).
-    vocab_size: int | None = None
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    mlp_ratio: int = 4
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    # MLP classifier
-    hidden: list[int] = field(default_factory=lambda: [128, 128])
-    num_classes: int = 10
+def _model_schema() -> type:
+    """The ``ModelConfig`` dataclass: ``kind`` (a registered family, ``sparsejax.models``),
+    every family's declared keys, and ``dtype``. A new family's keys arrive with its
+    declaration, not with an edit here."""
+    fields: list[tuple[str, Any, Any]] = [("kind", str, field(default="gpt"))]
+    fields += [(f.name, f.type, field_default(f)) for f in model_fields()]
     # Parameters are float32; this is the compute dtype of matmuls (float32 | bfloat16).
-    dtype: str = "float32"
+    fields.append(("dtype", str, field(default="float32")))
+    schema = dataclasses.make_dataclass("ModelConfig", fields)
+    schema.__module__ = __name__
+    schema.__doc__ = ("The model: ``kind`` (" + "|".join(families()) + "), the families' "
+                      "keys - " + "; ".join(f"``{f.name}`` {f.doc}".rstrip()
+                                            for f in model_fields()) + " - and ``dtype``.")
+    return schema
+
+
+ModelConfig = _model_schema()
 
 
 @dataclass
@@ -442,8 +436,10 @@ def _validate_ranges(cfg: Config) -> None:
                        ("checkpoint.every", cfg.checkpoint.every),
                        ("checkpoint.keep", cfg.checkpoint.keep)]:
         _require(value > 0, key, f"must be > 0, got {value}")
-    _require(m.n_embd % m.n_head == 0, "model.n_embd",
-             f"{m.n_embd} is not divisible by model.n_head={m.n_head}")
+    _require(m.kind in families(), "model.kind",
+             f"'{m.kind}' is not one of {'|'.join(families())}")
+    for key, message in family(m.kind).check(m):
+        _require(False, key, message)
     _require(all(h > 0 for h in m.hidden), "model.hidden", f"sizes must be > 0, got {m.hidden}")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(m.dtype in ("float32", "bfloat16"), "model.dtype",
@@ -487,18 +483,20 @@ def _validate_data(cfg: Config) -> None:
     """A data source the model kind can read, its path, the vocabulary."""
     m, d = cfg.model, cfg.data
     byte_sources = (DataSource.stdlib, DataSource.text, DataSource.tokens)
-    if m.kind == ModelKind.gpt:
+    language = family(m.kind).task == "language"
+    if language:
         _require(d.source in byte_sources, "data.source",
-                 f"model.kind=gpt needs a token source (stdlib|text|tokens), got {d.source.value}")
+                 f"model.kind={m.kind} needs a token source (stdlib|text|tokens), got "
+                 f"{d.source.value}")
     else:
         _require(d.source == DataSource.digits, "data.source",
-                 f"model.kind=mlp needs data.source=digits, got {d.source.value}")
+                 f"model.kind={m.kind} needs data.source=digits, got {d.source.value}")
     if d.source in (DataSource.text, DataSource.tokens):
         _require(d.path is not None, "data.path", f"data.source={d.source.value} needs a path")
         found = resolve_data_path(d.path)
         _require(found is not None, "data.path", f"file not found: {d.path}")
         d.path = str(found)
-    if m.kind == ModelKind.gpt:
+    if language:
         _resolve_vocab(cfg)
 
 

@@ -16,26 +16,20 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sparsejax.config import Config, ModelKind
+from sparsejax.config import Config
 from sparsejax.data import load_digits_data, load_token_data, unigram_entropy_bits
-from sparsejax.models import GPT, MLPClassifier
+from sparsejax.models import family
 
 __all__ = ["ClassificationTask", "LanguageModelTask", "Task", "build_model", "build_task"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DIGITS_FEATURES = 64  # 8x8 images
 
 
 def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
-    """The model ``cfg.model`` describes, without loading any data (rules not applied)."""
+    """The model ``cfg.model`` describes, without loading any data (rules not applied):
+    its family's builder (``sparsejax.models.family``)."""
     m = cfg.model
-    if m.kind == ModelKind.gpt:
-        return GPT(vocab_size=m.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
-                   n_head=m.n_head, n_embd=m.n_embd, mlp_ratio=m.mlp_ratio,
-                   dropout_rate=m.dropout, tie_embeddings=m.tie_embeddings,
-                   dtype=_DTYPES[m.dtype], rngs=rngs)
-    return MLPClassifier(DIGITS_FEATURES, list(m.hidden), m.num_classes,
-                         dropout_rate=m.dropout, dtype=_DTYPES[m.dtype], rngs=rngs)
+    return family(m.kind).build(m, _DTYPES[m.dtype], rngs)
 
 
 def _cross_entropy(model, batch, dropout_key) -> tuple[jax.Array, jax.Array]:
@@ -176,6 +170,6 @@ class ClassificationTask(Task):
 
 
 def build_task(cfg: Config) -> Task:
-    if cfg.model.kind == ModelKind.gpt:
+    if family(cfg.model.kind).task == "language":
         return LanguageModelTask(cfg)
     return ClassificationTask(cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -19,15 +20,21 @@ PACKAGES = sorted(str(p.parent.relative_to(REPO)).replace("/", ".")
                   for p in (REPO / "sparsejax").rglob("__init__.py"))
 
 
-def _build_wheel(out: Path) -> Path:
+def _build_wheel(source: Path, out: Path) -> Path:
+    """The wheel of a copy of the source tree (setuptools writes build/ beside it)."""
+    for name in ("sparsejax", "kernels"):
+        shutil.copytree(REPO / name, source / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", str(REPO), "-w", str(out)], check=True)
+                    "--no-build-isolation", str(source), "-w", str(out)], check=True)
     return next(out.glob("sparsejax-*.whl"))
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    return _build_wheel(tmp_path_factory.mktemp("wheel"))
+    return _build_wheel(tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.mark.slow

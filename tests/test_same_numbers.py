@@ -1,4 +1,4 @@
-"""Refactors keep the numbers: 30-step runs of every headline method and combination
+"""Refactors keep the numbers: 12-step runs of every headline method and combination
 (S-STE and the N:M set, MaskLLM, the dynamic set, DAT and the quantisers, analog tiles,
 gain-cell from scratch and calibrated from a teacher, CSKV, L-Mul and FP8 attention) give
 bitwise the train loss, validation loss and weights hash that an earlier revision gave.

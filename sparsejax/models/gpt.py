@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax.models.family import Family, ModelField, register_family
 from sparsejax.nn import Activation, Attention, Embed, LayerNorm, Linear, dropout, shard_batch
 
 __all__ = ["GPT", "KVCache"]
@@ -181,3 +182,29 @@ class GPT(nnx.Module):
             nxt = jax.random.categorical(jax.random.fold_in(key, i), logits)
             ids = jnp.concatenate([ids, nxt[:, None].astype(ids.dtype)], axis=1)
         return ids
+
+
+def _build(m, dtype, rngs: nnx.Rngs) -> GPT:
+    return GPT(vocab_size=m.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
+               n_head=m.n_head, n_embd=m.n_embd, mlp_ratio=m.mlp_ratio,
+               dropout_rate=m.dropout, tie_embeddings=m.tie_embeddings, dtype=dtype,
+               rngs=rngs)
+
+
+def _check(m) -> list[tuple[str, str]]:
+    if m.n_head > 0 and m.n_embd % m.n_head:
+        return [("model.n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}")]
+    return []
+
+
+register_family(Family(
+    name="gpt", task="language", build=_build, check=_check,
+    fields=(ModelField("vocab_size", int | None, None,
+                       "null: from the data (256 for bytes; a prepared corpus's meta.json); "
+                       "larger pads the embedding (e.g. 50304 for GPT-2's 50257)"),
+            ModelField("block_size", int, 128, "the longest context"),
+            ModelField("n_layer", int, 4), ModelField("n_head", int, 4),
+            ModelField("n_embd", int, 128), ModelField("mlp_ratio", int, 4),
+            ModelField("dropout", float, 0.0),
+            ModelField("tie_embeddings", bool, True)),
+    doc="GPT-2 layout: learned positions, LayerNorm, GELU MLP"))

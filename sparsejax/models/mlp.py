@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax.models.family import Family, ModelField, register_family
 from sparsejax.nn import Activation, Linear, dropout, shard_batch
 
 __all__ = ["MLPClassifier"]
@@ -31,3 +32,18 @@ class MLPClassifier(nnx.Module):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
             x = shard_batch(dropout(act(layer(x)), self.dropout_rate, key))
         return self.head(x).astype(jnp.float32)
+
+
+DIGITS_FEATURES = 64  # the 8x8 images of data.source=digits
+
+
+def _build(m, dtype, rngs: nnx.Rngs) -> MLPClassifier:
+    return MLPClassifier(DIGITS_FEATURES, list(m.hidden), m.num_classes,
+                         dropout_rate=m.dropout, dtype=dtype, rngs=rngs)
+
+
+register_family(Family(
+    name="mlp", task="classification", build=_build,
+    fields=(ModelField("hidden", list[int], [128, 128], "hidden layer sizes"),
+            ModelField("num_classes", int, 10), ModelField("dropout", float, 0.0)),
+    doc="MLP classifier of the 8x8 digits"))

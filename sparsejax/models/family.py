@@ -1,0 +1,85 @@
+"""Model families, each declared once by its own file: its ``model.kind`` name, the task it
+serves, its config keys and how to build it from them. The config schema (``model.*``
+keys), the validation of ``model.kind`` and the task a run gets are read from these
+declarations, so a new family is its model file (plus, for Hugging Face checkpoints, its
+mapping) and nothing else."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Family", "ModelField", "families", "family", "model_fields", "register_family"]
+
+
+@dataclass(frozen=True)
+class ModelField:
+    """One ``model.<name>`` config key: its type (``int``, ``float``, ``bool``, ``str``,
+    ``int | None``, ``list[int]``), default and one line of documentation. Families that
+    share a key (``n_layer``) must declare it alike."""
+
+    name: str
+    type: Any
+    default: Any
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Family:
+    """``name``: the ``model.kind`` value; ``task``: ``language`` (token ids ``(B, T)`` ->
+    next-token logits, :class:`~sparsejax.models.base.LanguageModel`) or
+    ``classification`` (features -> class logits); ``build(model_config, dtype, rngs)``:
+    the model; ``fields``: its config keys; ``check(model_config)``: ``[(key, message),
+    ...]`` of the settings it refuses."""
+
+    name: str
+    task: str
+    build: Callable[[Any, Any, Any], Any]
+    fields: tuple[ModelField, ...]
+    check: Callable[[Any], list[tuple[str, str]]] = field(default=lambda m: [])
+    doc: str = ""
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(declared: Family) -> Family:
+    """Make ``declared`` a ``model.kind`` (called once, by its model file)."""
+    if declared.task not in ("language", "classification"):
+        raise ValueError(f"family '{declared.name}': unknown task '{declared.task}'")
+    known = {f.name: f for other in _FAMILIES.values() for f in other.fields}
+    for f in declared.fields:
+        if f.name in known and (known[f.name].type, known[f.name].default) != (f.type,
+                                                                               f.default):
+            raise ValueError(f"family '{declared.name}' declares model.{f.name} unlike "
+                             f"another family ({f.type}={f.default!r} vs "
+                             f"{known[f.name].type}={known[f.name].default!r})")
+    _FAMILIES[declared.name] = declared
+    return declared
+
+
+def families() -> tuple[str, ...]:
+    """The registered ``model.kind`` names, in registration order."""
+    return tuple(_FAMILIES)
+
+
+def family(name: str) -> Family:
+    return _FAMILIES[name]
+
+
+def model_fields() -> list[ModelField]:
+    """Every family's config keys, each once (first declaration order)."""
+    out: dict[str, ModelField] = {}
+    for declared in _FAMILIES.values():
+        for f in declared.fields:
+            out.setdefault(f.name, f)
+    return list(out.values())
+
+
+def field_default(f: ModelField) -> Any:
+    """A ``dataclasses.field`` for ``f`` (lists get a default factory)."""
+    if isinstance(f.default, list):
+        return dataclasses.field(default_factory=lambda d=tuple(f.default): list(d))
+    return dataclasses.field(default=f.default)
