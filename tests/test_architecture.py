@@ -116,9 +116,9 @@ def test_no_import_cycles_between_modules():
 def test_every_language_model_family_follows_the_model_protocol():
     from flax import nnx
 
-    from sparsejax.models import GPT, LanguageModel
+    from sparsejax.models import GPT, LanguageModel, Llama
 
-    for family in (GPT,):
+    for family in (GPT, Llama):
         model = family(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8,
                        rngs=nnx.Rngs(params=0))
         assert isinstance(model, LanguageModel), family.__name__

@@ -22,7 +22,9 @@ from tests.conftest import TINY_GPT
 
 # A layer of each type in each model family (module paths of the family's docstring).
 FAMILIES = {"gpt": {"linear": "blocks/0/mlp/fc", "activation": "blocks/0/mlp/act",
-                    "attention": "blocks/0/attn"}}
+                    "attention": "blocks/0/attn"},
+            "llama": {"linear": "layers/0/mlp/up", "activation": "layers/0/mlp/act",
+                      "attention": "layers/0/attn"}}
 
 
 def _nested(key: str, block: dict) -> dict:
@@ -47,7 +49,8 @@ CASES = _cases()
 
 
 def _model(family: str, key: str, method: str, layer: str) -> nnx.Module:
-    cfg = load_config(None, [*TINY_GPT, f"model.kind={family}", "model.n_layer=1"])
+    extra = ["model.n_kv_head=1"] if family == "llama" else []  # grouped-query attention
+    cfg = load_config(None, [*TINY_GPT, f"model.kind={family}", "model.n_layer=1", *extra])
     model = build_model(cfg, nnx.Rngs(params=0))
     block = {"method": method, **spec_class(block_for_key(key).kind, method).example_block}
     apply_rules(model, [{"path": FAMILIES[family][layer], **_nested(key, block)}],

@@ -13,6 +13,7 @@ from sparsejax.nn.layers import (
     LayerNorm,
     Linear,
     PackedState,
+    RMSNorm,
     WeightOverride,
     dropout,
     pack_model,
@@ -44,9 +45,9 @@ from sparsejax.nn.slots import (
 )
 
 __all__ = ["ACTIVATIONS", "BATCH_AXES", "Activation", "Attention", "Embed", "LayerNorm",
-           "Linear", "PackedState", "TransformHost", "TransformMetrics", "TransformParam",
-           "TransformSlot", "TransformState", "WeightOverride", "analog_layers",
-           "apply_rules", "apply_updates", "assign_rules", "dropout", "has_updates",
-           "layer_metrics", "loss_terms", "named_layers", "pack_model", "param_labels",
-           "rule_specs", "snapshot_changes", "snapshots", "shard_batch", "sparse_layers",
-           "tap_attention", "tap_linear_inputs", "transform_slots"]
+           "Linear", "PackedState", "RMSNorm", "TransformHost", "TransformMetrics",
+           "TransformParam", "TransformSlot", "TransformState", "WeightOverride",
+           "analog_layers", "apply_rules", "apply_updates", "assign_rules", "dropout",
+           "has_updates", "layer_metrics", "loss_terms", "named_layers", "pack_model",
+           "param_labels", "rule_specs", "snapshot_changes", "snapshots", "shard_batch",
+           "sparse_layers", "tap_attention", "tap_linear_inputs", "transform_slots"]

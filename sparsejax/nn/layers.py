@@ -20,7 +20,7 @@ from sparsejax.kernels.nm_matmul import PackedNM, nm_matmul
 from sparsejax.nn.slots import TransformHost, TransformSlot
 from sparsejax.transforms import Packable, Site, Transform, check_pipeline, select_matmul
 
-__all__ = ["ACTIVATIONS", "BATCH_AXES", "Activation", "Embed", "LayerNorm",
+__all__ = ["ACTIVATIONS", "BATCH_AXES", "Activation", "Embed", "LayerNorm", "RMSNorm",
            "Linear", "PackedState", "WeightOverride", "dropout", "pack_model", "shard_batch",
            "tap_linear_inputs"]
 
@@ -202,7 +202,7 @@ class Linear(TransformHost):
 
 
 ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "tanh": jnp.tanh,
-               "sigmoid": jax.nn.sigmoid}
+               "sigmoid": jax.nn.sigmoid, "silu": jax.nn.silu}
 
 
 class Activation(TransformHost):
@@ -290,6 +290,22 @@ class LayerNorm(nnx.Module):
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
         return y.astype(self.dtype or x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis (Zhang & Sennrich 2019; Llama): ``x / sqrt(mean(x^2) +
+    eps) * scale``, statistics in float32, the scale applied in float32 and the result cast
+    to ``dtype`` (as Hugging Face's ``LlamaRMSNorm`` up to where the cast happens)."""
+
+    def __init__(self, features: int, *, eps: float = 1e-5, dtype: jnp.dtype | None = None):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(self.dtype or x.dtype)
 
 
 # Mesh axes that split the batch (see ``sparsejax.sharding``; the convention lives here so
