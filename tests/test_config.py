@@ -27,7 +27,7 @@ def test_yaml_and_overrides_merge_with_types():
     ("optimizer.lrr=1e-3", "did you mean 'optimizer.lr'"),
     ("trian.steps=3", "did you mean 'train.steps'"),
     ("train.steps=abc", "'train.steps' in overrides: Value 'abc'"),
-    ("model.kind=transformer", "is not one of gpt|mlp"),
+    ("model.kind=transformer", "'transformer' is not one of gpt|"),
     ("model.n_embd=30", "'model.n_embd': 30 is not divisible by model.n_head=4"),
     ("data.source=text", "'data.path'"),
     ("data.source=digits", "model.kind=gpt needs a token source"),
