@@ -255,6 +255,15 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from sparsejax.export import export_run
+
+    done = export_run(args.source, args.out, step=args.step)
+    print(f"exported step {done['step']} of {args.source} as {done['model_type']} "
+          f"({done['tensors']} tensors) to {done['out']}")
+    return 0
+
+
 def _add_train(sub: Any) -> None:
     """The ``train`` command's arguments."""
     train = sub.add_parser("train", help="train from a YAML config (resumes if the run exists)")
@@ -420,9 +429,23 @@ def _add_compress(sub: Any) -> None:
     compress.set_defaults(func=_cmd_compress)
 
 
+def _add_export(sub: Any) -> None:
+    """The ``export`` command's arguments."""
+    export = sub.add_parser(
+        "export", help="write a run as a Hugging Face model directory (transformers loads it)",
+        description="Write the model of a run, checkpoint or Hugging Face directory as "
+        "config.json + model.safetensors (+ tokenizer.json): the inference weights, sparse "
+        "layers dense with their zeros, MaskLLM's masks applied, quantisation dequantised.")
+    export.add_argument("source", help="run directory, <run>/checkpoints/<step> or an HF "
+                        "model directory")
+    export.add_argument("--out", required=True, help="new directory (must not exist)")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step")
+    export.set_defaults(func=_cmd_export)
+
+
 # One small builder per command: a new command is its builder plus its _cmd_ function.
 COMMANDS = (_add_train, _add_prepare, _add_sample, _add_layers, _add_compare,
-            _add_evaluate_analog, _add_prune, _add_compress)
+            _add_evaluate_analog, _add_prune, _add_compress, _add_export)
 
 
 def make_parser() -> argparse.ArgumentParser:

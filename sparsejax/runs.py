@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from sparsejax.checkpoint import Checkpointer
 from sparsejax.config import Config, config_diff, from_dict, to_flat_dict, to_yaml
 from sparsejax.errors import CheckpointError, ConfigError, RunDirError
+from sparsejax.hf import is_hf_dir, load_hf_model
 from sparsejax.nn import TransformParam, apply_rules, transform_slots
 from sparsejax.optim import build_optimizer
 from sparsejax.tasks import build_model
@@ -161,7 +162,8 @@ def init_model_with_source(cfg: Config, load_init: bool = True
 
 
 def load_model(run_dir: str | Path, step: int | None = None) -> tuple[nnx.Module, Config, int]:
-    """Rebuild the model of a run directory from its checkpoint (latest, or ``step``).
+    """Rebuild the model of a run directory from its checkpoint (latest, or ``step``), or
+    load a Hugging Face model directory (``sparsejax.hf``; its one checkpoint is step 0).
 
     Returns ``(model, config, step)``; the model holds the trained parameters and the
     non-trainable state (e.g. S-STE's beta) exactly as saved, in training mode (call
@@ -170,6 +172,11 @@ def load_model(run_dir: str | Path, step: int | None = None) -> tuple[nnx.Module
     checkpoint is missing or cannot be restored.
     """
     run_dir = Path(run_dir)
+    if is_hf_dir(run_dir):  # a Hugging Face model directory: one checkpoint, step 0
+        if step not in (None, 0):
+            raise CheckpointError(f"{run_dir} is a Hugging Face model: it has no step {step}")
+        model, cfg = load_hf_model(run_dir)
+        return model, cfg, 0
     config_file = run_dir / "config.yaml"
     if not run_dir.exists():
         raise CheckpointError(f"checkpoint not found: {run_dir}")

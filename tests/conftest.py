@@ -12,12 +12,14 @@ REPO = Path(__file__).resolve().parents[1]
 # default suite: 8m17s with an empty cache, 2m58s with a warm one). The key covers the
 # program, the JAX version, the backend and the flags, so a hit runs the identical
 # executable (same numbers). Set before JAX first compiles; the environment reaches the
-# subprocesses. JAX_COMPILATION_CACHE_DIR chooses another place.
+# subprocesses. JAX_COMPILATION_CACHE_DIR chooses another place. No size bound: JAX's LRU
+# eviction scans the directory under a file lock at every write, which made the suite
+# slower than no cache at all; a full run adds about 60 MB per code version (delete the
+# directory to reclaim it).
 _CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 JAX_CACHE = {"JAX_COMPILATION_CACHE_DIR": str(_CACHE_HOME / "sparsejax" / "jax-tests"),
              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-             "JAX_COMPILATION_CACHE_MAX_SIZE": str(2**30)}  # LRU-evicted beyond 1 GiB
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 for _key, _value in JAX_CACHE.items():
     os.environ.setdefault(_key, _value)
 
@@ -32,8 +34,6 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                   int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
-jax.config.update("jax_compilation_cache_max_size",
-                  int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 TINY_GPT = [
     "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
     "data.max_bytes=200000", "data.batch_size=8",

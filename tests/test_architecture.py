@@ -19,9 +19,9 @@ LAYERS = [
     ("models", ["models"]),
     ("config and data", ["config", "corpus", "data"]),
     ("runtime", ["tasks", "sharding", "checkpoint", "reporting", "loop", "distributed",
-                 "optim", "evaluation", "calibration", "runs"]),
+                 "optim", "evaluation", "calibration", "hf", "runs"]),
     ("commands", ["train", "adapt", "posttrain", "compress", "compare", "sample",
-                  "analog_eval"]),
+                  "analog_eval", "export"]),
     ("entry points", ["cli", "__main__", "__init__"]),
 ]
 LAYER_OF = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
