@@ -36,6 +36,21 @@ needs_transformers = pytest.mark.skipif(
     "transformers; .ci/run installs them)")
 
 
+@pytest.fixture
+def transformers_module():
+    """``transformers``, imported with this checkout's root off ``sys.path``: its optional
+    "kernels" integration would otherwise find our ``kernels/`` directory (installed as
+    ``sparsejax.kernels``) as a top-level ``kernels`` package."""
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+    try:
+        import transformers
+        import transformers.integrations.hub_kernels  # noqa: F401 (decides it here)
+    finally:
+        sys.path[:] = saved
+    return transformers
+
+
 def _logits(directory: Path, ids: np.ndarray) -> np.ndarray:
     model, cfg, step = load_model(directory)
     assert step == 0 and is_hf_dir(directory)
@@ -108,10 +123,11 @@ def test_an_index_naming_a_missing_shard_is_named(tmp_path):
 
 @needs_transformers
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fresh_sharded_checkpoints_load_in_any_float_dtype(dtype, tmp_path):
+def test_fresh_sharded_checkpoints_load_in_any_float_dtype(dtype, tmp_path,
+                                                          transformers_module):
     import torch
-    from transformers import AutoModelForCausalLM
 
+    AutoModelForCausalLM = transformers_module.AutoModelForCausalLM
     sys.path.insert(0, str(GOLDEN.parent))
     from make_hf_golden import IDS, configs
 
@@ -127,7 +143,8 @@ def test_fresh_sharded_checkpoints_load_in_any_float_dtype(dtype, tmp_path):
 
 @needs_transformers
 @pytest.mark.parametrize("case", CASES)
-def test_the_golden_files_are_what_transformers_writes_now(case, tmp_path):
+def test_the_golden_files_are_what_transformers_writes_now(case, tmp_path,
+                                                          transformers_module):
     sys.path.insert(0, str(GOLDEN.parent))
     from make_hf_golden import IDS, configs, save
 
@@ -180,10 +197,11 @@ def test_export_refuses_an_existing_out_and_an_unrepresentable_model(tmp_path, t
               "bits: 4}}}]"),
 ])
 def test_an_exported_run_loads_in_transformers_with_the_same_logits(family, rule, tmp_path,
-                                                                      tiny_gpt):
+                                                                      tiny_gpt,
+                                                                      transformers_module):
     import torch
-    from transformers import AutoModelForCausalLM
 
+    AutoModelForCausalLM = transformers_module.AutoModelForCausalLM
     from sparsejax.export import export_run
     from sparsejax.train import run
 
