@@ -61,8 +61,8 @@ def register_family(declared: Family) -> Family:
 
 
 def families() -> tuple[str, ...]:
-    """The registered ``model.kind`` names, in registration order."""
-    return tuple(_FAMILIES)
+    """The registered ``model.kind`` names, sorted (whatever the import order)."""
+    return tuple(sorted(_FAMILIES))
 
 
 def family(name: str) -> Family:
@@ -70,10 +70,11 @@ def family(name: str) -> Family:
 
 
 def model_fields() -> list[ModelField]:
-    """Every family's config keys, each once (first declaration order)."""
+    """Every family's config keys, each once (families sorted by name, then each family's
+    declaration order)."""
     out: dict[str, ModelField] = {}
-    for declared in _FAMILIES.values():
-        for f in declared.fields:
+    for name in families():
+        for f in _FAMILIES[name].fields:
             out.setdefault(f.name, f)
     return list(out.values())
 
