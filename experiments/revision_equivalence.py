@@ -1,11 +1,14 @@
 """Does a refactor change what sparsejax computes, or how fast? This checkout against an
 earlier git revision, side by side.
 
-1. *Bitwise*: short runs (12 steps, 2 layers, context 64, batch 8) of every method and combination the configs and README
-   use - S-STE / STE / SR-STE / dense / MVUE / FP8 / the packed kernel, MaskLLM frozen and
-   joint, DAT / absmax-STE / LSQ / FP8 quantisation, S-STE + DAT, analog tiles, S-STE +
-   analog + activation noise - under both revisions; final train and validation loss and a
-   hash of the trained weights must be equal bit for bit.
+1. *Bitwise*: short runs (12 steps, 2 layers, context 64, batch 8) of every method and
+   combination the configs and README use - S-STE / STE / SR-STE / dense / MVUE / FP8 /
+   the packed kernel, MaskLLM frozen and joint, DAT / absmax-STE / LSQ / FP8 quantisation,
+   S-STE + DAT, analog tiles, S-STE + analog + activation noise, GMP / SET / RigL,
+   gain-cell from scratch and calibrated from a softmax teacher, CSKV from a teacher, L-Mul
+   and FP8 attention - under both revisions; final train and validation loss and a hash of
+   the trained weights must be equal bit for bit. ``--golden FILE`` also writes the base
+   revision's results, the golden file of ``tests/test_same_numbers.py``.
 2. *Step time*: each variant's compiled trainer step timed under both revisions in
    alternating rounds (two worker processes, so machine noise hits both alike).
 
