@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Family", "ModelField", "families", "family", "model_fields", "register_family"]
+__all__ = ["LANGUAGE_MODEL_FIELDS", "Family", "ModelField", "families", "family", "model_fields",
+           "register_family"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,16 @@ class Family:
     check: Callable[[Any], list[tuple[str, str]]] = field(default=lambda m: [])
     doc: str = ""
 
+
+# The keys every language-model family shares (declared once, used by each family's file).
+LANGUAGE_MODEL_FIELDS = (
+    ModelField("vocab_size", int | None, None,
+               "null: from the data (256 for bytes; a prepared corpus's meta.json); larger "
+               "pads the embedding (e.g. 50304 for GPT-2's 50257)"),
+    ModelField("block_size", int, 128, "the longest context"),
+    ModelField("n_layer", int, 4), ModelField("n_head", int, 4),
+    ModelField("n_embd", int, 128), ModelField("dropout", float, 0.0),
+    ModelField("tie_embeddings", bool, True))
 
 _FAMILIES: dict[str, Family] = {}
 

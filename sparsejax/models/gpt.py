@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.models.family import Family, ModelField, register_family
+from sparsejax.models.family import LANGUAGE_MODEL_FIELDS, Family, ModelField, register_family
 from sparsejax.nn import Activation, Attention, Embed, LayerNorm, Linear, dropout, shard_batch
 
 __all__ = ["GPT", "KVCache"]
@@ -199,12 +199,5 @@ def _check(m) -> list[tuple[str, str]]:
 
 register_family(Family(
     name="gpt", task="language", build=_build, check=_check,
-    fields=(ModelField("vocab_size", int | None, None,
-                       "null: from the data (256 for bytes; a prepared corpus's meta.json); "
-                       "larger pads the embedding (e.g. 50304 for GPT-2's 50257)"),
-            ModelField("block_size", int, 128, "the longest context"),
-            ModelField("n_layer", int, 4), ModelField("n_head", int, 4),
-            ModelField("n_embd", int, 128), ModelField("mlp_ratio", int, 4),
-            ModelField("dropout", float, 0.0),
-            ModelField("tie_embeddings", bool, True)),
+    fields=(*LANGUAGE_MODEL_FIELDS, ModelField("mlp_ratio", int, 4)),
     doc="GPT-2 layout: learned positions, LayerNorm, GELU MLP"))

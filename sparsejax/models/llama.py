@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.models.family import Family, ModelField, register_family
+from sparsejax.models.family import LANGUAGE_MODEL_FIELDS, Family, ModelField, register_family
 from sparsejax.nn import Activation, Attention, Embed, Linear, RMSNorm, dropout, shard_batch
 from sparsejax.nn.rotary import Rotary, apply_rotary
 
@@ -237,12 +237,7 @@ def _check(m) -> list[tuple[str, str]]:
 
 register_family(Family(
     name="llama", task="language", build=_build, check=_check,
-    fields=(ModelField("vocab_size", int | None, None,
-                       "null: from the data (256 for bytes; a prepared corpus's meta.json); "
-                       "larger pads the embedding (e.g. 50304 for GPT-2's 50257)"),
-            ModelField("block_size", int, 128, "the longest context"),
-            ModelField("n_layer", int, 4), ModelField("n_head", int, 4),
-            ModelField("n_embd", int, 128),
+    fields=(*LANGUAGE_MODEL_FIELDS,
             ModelField("n_kv_head", int | None, None,
                        "llama: key / value heads (null: n_head; 1: multi-query)"),
             ModelField("mlp_hidden", int | None, None,
@@ -253,7 +248,5 @@ register_family(Family(
             ModelField("rope_high_freq_factor", float, 4.0),
             ModelField("rope_original_context", int, 8192),
             ModelField("norm_eps", float, 1e-5, "llama: RMSNorm epsilon"),
-            ModelField("qkv_bias", bool, False, "llama: biases on q, k, v (Qwen2)"),
-            ModelField("dropout", float, 0.0),
-            ModelField("tie_embeddings", bool, True)),
+            ModelField("qkv_bias", bool, False, "llama: biases on q, k, v (Qwen2)")),
     doc="Llama layout: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU"))

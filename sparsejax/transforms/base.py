@@ -459,8 +459,13 @@ class AttentionCalibration(Calibration):
     matches_teacher_outputs: ClassVar[bool] = False
 
     def calibration_batches(self) -> int:
-        """How many training batches calibration reads (0: none, keep the initial state)."""
-        raise NotImplementedError
+        """How many training batches calibration reads (0: none, keep the initial state);
+        by convention the method's ``calib_batches`` field."""
+        return self.calib_batches
+
+    def is_calibrated(self, state: State) -> bool:
+        """By convention a ``calibrated`` flag the method keeps in its state."""
+        return bool(state["calibrated"])
 
     def calibrate(self, site: Site, view: View, data: AttentionData) -> View:
         """The params and state after the method has seen ``data``."""

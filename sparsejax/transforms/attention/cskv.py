@@ -391,12 +391,6 @@ class CSKV(AttentionCalibration, CachedAttention, Transform):
         return y.astype(q.dtype), {**cache, "k_recent": ring_k, "v_recent": ring_v}
 
     # ------------------------------------------------------------------ calibration
-    def calibration_batches(self) -> int:
-        return self.calib_batches
-
-    def is_calibrated(self, state: State) -> bool:
-        return bool(state["calibrated"])
-
     def calibrate(self, site: Site, view: View, data: AttentionData) -> View:
         """ASVD initialisation from ``data.x_abs_mean`` ``(C,)`` (mean ``|x|`` per
         channel of the module input over the calibration tokens) and

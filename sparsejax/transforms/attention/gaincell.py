@@ -325,12 +325,6 @@ class GainCell(AttentionCalibration, AttentionMethod, Transform):
             state = {**state, "count": state["count"] + 1}
         return y.astype(q.dtype), state, metrics
 
-    def calibration_batches(self) -> int:
-        return self.calib_batches
-
-    def is_calibrated(self, state: State) -> bool:
-        return bool(state["calibrated"])
-
     def calibrate(self, site: Site, view: View, data: AttentionData) -> View:
         """The paper's statistics-matching initialisation, from calibration data ``data``:
         ``q``, ``k``, ``v`` ``(N, T, H, D)`` reaching this layer, their ``positions``
