@@ -28,7 +28,7 @@ from omegaconf import errors as oc_errors
 
 from sparsejax.corpus import read_meta
 from sparsejax.errors import CheckpointError, ConfigError
-from sparsejax.models.family import families, family, field_default, model_fields
+from sparsejax.models.family import ModelField, families, family, model_fields
 from sparsejax.transforms import (
     RuleBlock,
     SpecError,
@@ -85,12 +85,19 @@ class DataSource(str, enum.Enum):
     digits = "digits"  # scikit-learn's bundled 8x8 digits (classification)
 
 
+def _field_default(f: ModelField) -> Any:
+    """A ``dataclasses.field`` for a family's key (lists get a default factory)."""
+    if isinstance(f.default, list):
+        return field(default_factory=lambda d=tuple(f.default): list(d))
+    return field(default=f.default)
+
+
 def _model_schema() -> type:
     """The ``ModelConfig`` dataclass: ``kind`` (a registered family, ``sparsejax.models``),
     every family's declared keys, and ``dtype``. A new family's keys arrive with its
     declaration, not with an edit here."""
     fields: list[tuple[str, Any, Any]] = [("kind", str, field(default="gpt"))]
-    fields += [(f.name, f.type, field_default(f)) for f in model_fields()]
+    fields += [(f.name, f.type, _field_default(f)) for f in model_fields()]
     # Parameters are float32; this is the compute dtype of matmuls (float32 | bfloat16).
     fields.append(("dtype", str, field(default="float32")))
     schema = dataclasses.make_dataclass("ModelConfig", fields)

@@ -6,17 +6,14 @@ mapping) and nothing else."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["LANGUAGE_MODEL_FIELDS", "Family", "ModelField", "families", "family", "model_fields",
            "register_family"]
 
 
-@dataclass(frozen=True)
-class ModelField:
+class ModelField(NamedTuple):
     """One ``model.<name>`` config key: its type (``int``, ``float``, ``bool``, ``str``,
     ``int | None``, ``list[int]``), default and one line of documentation. Families that
     share a key (``n_layer``) must declare it alike."""
@@ -27,8 +24,7 @@ class ModelField:
     doc: str = ""
 
 
-@dataclass(frozen=True)
-class Family:
+class Family(NamedTuple):
     """``name``: the ``model.kind`` value; ``task``: ``language`` (token ids ``(B, T)`` ->
     next-token logits, :class:`~sparsejax.models.base.LanguageModel`) or
     ``classification`` (features -> class logits); ``build(model_config, dtype, rngs)``:
@@ -39,7 +35,7 @@ class Family:
     task: str
     build: Callable[[Any, Any, Any], Any]
     fields: tuple[ModelField, ...]
-    check: Callable[[Any], list[tuple[str, str]]] = field(default=lambda m: [])
+    check: Callable[[Any], list[tuple[str, str]]] = lambda m: []
     doc: str = ""
 
 
@@ -88,10 +84,3 @@ def model_fields() -> list[ModelField]:
         for f in _FAMILIES[name].fields:
             out.setdefault(f.name, f)
     return list(out.values())
-
-
-def field_default(f: ModelField) -> Any:
-    """A ``dataclasses.field`` for ``f`` (lists get a default factory)."""
-    if isinstance(f.default, list):
-        return dataclasses.field(default_factory=lambda d=tuple(f.default): list(d))
-    return dataclasses.field(default=f.default)

@@ -6,14 +6,12 @@ tensor that holds it. ``sparsejax.hf`` reads and writes checkpoints through thes
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["HFMapping", "HFTensor", "hf_mapping", "hf_model_types", "register_hf_mapping"]
 
 
-@dataclass(frozen=True)
-class HFTensor:
+class HFTensor(NamedTuple):
     """Where one parameter lives in a checkpoint: ``names`` (the first one present is read;
     checkpoints differ in prefixes) and whether it is stored transposed (PyTorch's
     ``nn.Linear`` keeps ``(out, in)``, our kernels ``(in, out)``)."""
@@ -22,8 +20,7 @@ class HFTensor:
     transpose: bool = False
 
 
-@dataclass(frozen=True)
-class HFMapping:
+class HFMapping(NamedTuple):
     """``model_types``: the ``config.json`` ``model_type`` values; ``family``: the
     ``model.kind`` they load as; ``model_settings(config_json)``: the ``model.*`` values
     (raises ``KeyError`` naming a missing field, ``ValueError`` for one it cannot
