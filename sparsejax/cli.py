@@ -264,6 +264,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from sparsejax.evaluate import evaluate_text_file
+
+    result = evaluate_text_file(args.source, args.data, block_size=args.block_size,
+                                stride=args.stride, batch_size=args.batch_size,
+                                step=args.step, json_out=args.json)
+    print(f"perplexity {result['perplexity']:.4f}, bits per byte "
+          f"{result['bits_per_byte']:.4f} ({result['scored']:,} of {result['tokens']:,} "
+          f"tokens scored; block {result['block_size']}, stride {result['stride']})")
+    return 0
+
+
 def _add_train(sub: Any) -> None:
     """The ``train`` command's arguments."""
     train = sub.add_parser("train", help="train from a YAML config (resumes if the run exists)")
@@ -443,9 +455,30 @@ def _add_export(sub: Any) -> None:
     export.set_defaults(func=_cmd_export)
 
 
+def _add_evaluate(sub: Any) -> None:
+    """The ``evaluate`` command's arguments."""
+    ev = sub.add_parser(
+        "evaluate", help="perplexity and bits per byte of a model on a text file "
+        "(the strided fixed-length protocol)",
+        description="Encode FILE as one sequence with the model's tokenizer; windows of "
+        "--block-size tokens every --stride tokens score only the targets no earlier "
+        "window scored. Prints perplexity and bits per byte.")
+    ev.add_argument("source", help="run directory, <run>/checkpoints/<step> or an HF model "
+                    "directory")
+    ev.add_argument("--data", required=True, metavar="FILE", help="text file")
+    ev.add_argument("--block-size", type=int, default=None, help="window length (default: "
+                    "the model's context)")
+    ev.add_argument("--stride", type=int, default=None, help="window start spacing "
+                    "(default: the block size)")
+    ev.add_argument("--batch-size", type=int, default=1, help="windows per forward")
+    ev.add_argument("--step", type=int, default=None, help="checkpoint step")
+    ev.add_argument("--json", default=None, metavar="OUT", help="also write the result")
+    ev.set_defaults(func=_cmd_evaluate)
+
+
 # One small builder per command: a new command is its builder plus its _cmd_ function.
 COMMANDS = (_add_train, _add_prepare, _add_sample, _add_layers, _add_compare,
-            _add_evaluate_analog, _add_prune, _add_compress, _add_export)
+            _add_evaluate_analog, _add_prune, _add_compress, _add_export, _add_evaluate)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ LAYERS = [
     ("runtime", ["tasks", "sharding", "checkpoint", "reporting", "loop", "distributed",
                  "optim", "evaluation", "calibration", "hf", "runs"]),
     ("commands", ["train", "adapt", "posttrain", "compress", "compare", "sample",
-                  "analog_eval", "export"]),
+                  "analog_eval", "export", "evaluate"]),
     ("entry points", ["cli", "__main__", "__init__"]),
 ]
 LAYER_OF = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
