@@ -24,14 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.config import Config
 from sparsejax.corpus import Tokenizer
 from sparsejax.errors import ConfigError
-from sparsejax.hf import is_hf_dir
 from sparsejax.runs import load_model, resolve_checkpoint
-from sparsejax.sample import run_tokenizer
+from sparsejax.sample import source_tokenizer
 
-__all__ = ["evaluate_ids", "evaluate_text_file", "source_tokenizer", "strided_windows"]
+__all__ = ["evaluate_ids", "evaluate_text_file", "strided_windows"]
 
 
 def strided_windows(n_tokens: int, block: int, stride: int) -> list[tuple[int, int, int]]:
@@ -89,15 +87,6 @@ def evaluate_ids(model: nnx.Module, ids: np.ndarray, block: int, stride: int,
                 scored += int(weights.sum())
                 bar.update(len(part))
     return {"nll": total, "scored": scored, "tokens": int(len(ids))}
-
-
-def source_tokenizer(run_dir: Path, cfg: Config) -> Tokenizer:
-    """An HF directory's ``tokenizer.json``, else the run's (:func:`run_tokenizer`)."""
-    if is_hf_dir(run_dir):
-        if not (run_dir / "tokenizer.json").is_file():
-            raise ConfigError(f"{run_dir} has no tokenizer.json: its tokens are unknown")
-        return Tokenizer.from_file(run_dir / "tokenizer.json")
-    return run_tokenizer(cfg)
 
 
 def _encode(path: Path, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:

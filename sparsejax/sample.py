@@ -29,10 +29,12 @@ from flax import nnx
 from sparsejax.config import Config, DataSource
 from sparsejax.corpus import Tokenizer, read_meta
 from sparsejax.errors import ConfigError
+from sparsejax.hf import is_hf_dir
 from sparsejax.nn import pack_model
 from sparsejax.runs import load_model, resolve_checkpoint
 
-__all__ = ["Decoder", "SampleResult", "run_tokenizer", "sample", "sample_token"]
+__all__ = ["Decoder", "SampleResult", "run_tokenizer", "sample", "sample_token",
+           "source_tokenizer"]
 
 
 def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_k: int
@@ -130,6 +132,15 @@ def run_tokenizer(cfg: Config):
     return Tokenizer.for_corpus(path, meta)
 
 
+def source_tokenizer(run_dir: Path, cfg: Config) -> Tokenizer:
+    """An HF directory's ``tokenizer.json``, else the run's (:func:`run_tokenizer`)."""
+    if is_hf_dir(run_dir):
+        if not (run_dir / "tokenizer.json").is_file():
+            raise ConfigError(f"{run_dir} has no tokenizer.json: its tokens are unknown")
+        return Tokenizer.from_file(run_dir / "tokenizer.json")
+    return run_tokenizer(cfg)
+
+
 def sample(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 200,
            temperature: float = 0.8, top_k: int = 40, seed: int = 0,
            step: int | None = None, pack: bool = False,
@@ -143,7 +154,7 @@ def sample(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 200,
     message = message or (lambda text: print(text, file=sys.stderr))
     run_dir, step = resolve_checkpoint(run_dir, step)
     model, cfg, _ = load_model(run_dir, step)
-    tokenizer = run_tokenizer(cfg)
+    tokenizer = source_tokenizer(run_dir, cfg)
     ids = tokenizer.encode(prompt) if prompt else np.asarray(
         [tokenizer.eot_id if tokenizer.eot_id is not None else ord("\n")], np.int64)
     truncated = len(ids) > model.block_size

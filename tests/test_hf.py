@@ -220,3 +220,15 @@ def test_an_exported_run_loads_in_transformers_with_the_same_logits(family, rule
         w = theirs.model.layers[0].mlp.up_proj.weight.detach().numpy()  # (out, in)
         nonzero = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1)
         assert nonzero.max() <= 2
+
+
+def test_sample_and_evaluate_need_the_hf_tokenizer_and_say_so(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello\n")
+    for command in (["sample", str(GOLDEN / "gpt2")],
+                    ["evaluate", str(GOLDEN / "gpt2"), "--data", str(text)]):
+        done = subprocess.run([sys.executable, "-m", "sparsejax", *command],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert "has no tokenizer.json" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
