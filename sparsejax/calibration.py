@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -16,11 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparsejax.corpus import Tokenizer, encode_text_file
+from sparsejax.errors import ConfigError
 from sparsejax.nn import Attention, named_layers, tap_attention, tap_linear_inputs
 from sparsejax.tasks import build_task
 
 __all__ = ["attention_calls", "attention_outputs", "calibration_batches", "call_order",
-           "input_grams", "linear_calls"]
+           "input_grams", "linear_calls", "text_calibration_batches"]
 
 
 def calibration_batches(cfg: Any, count: int, seed: int | None = None) -> list[np.ndarray]:
@@ -31,6 +34,21 @@ def calibration_batches(cfg: Any, count: int, seed: int | None = None) -> list[n
         cfg.train.seed = seed
     task = build_task(cfg)
     return [task.train_batch(step)["x"] for step in range(count)]
+
+
+def text_calibration_batches(path: Path, tokenizer: Tokenizer, seq_len: int, batch_size: int,
+                             count: int) -> list[np.ndarray]:
+    """``count`` batches ``(batch_size, seq_len)`` of consecutive, non-overlapping token
+    sequences from the start of a text file (as Wanda and SparseGPT calibrate on C4);
+    raises :class:`ConfigError` when the file is too short."""
+    ids, _ = encode_text_file(path, tokenizer, "--calib-data")
+    need = count * batch_size * seq_len
+    if len(ids) < need:
+        raise ConfigError(f"--calib-data {path} has {len(ids):,} tokens; {count} batches of "
+                          f"{batch_size} x {seq_len} need {need:,} (lower --calib-batches or "
+                          "--calib-seq-len)")
+    rows = np.asarray(ids[:need], np.int32).reshape(count, batch_size, seq_len)
+    return list(rows)
 
 
 def linear_calls(model: nnx.Module, x: jax.Array) -> list[tuple[str, jax.Array]]:

@@ -231,6 +231,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     report = prune_run(args.run_dir, args.out, method=args.method, sparsity=args.sparsity,
                        nm=None if args.nm is None else parse_nm(args.nm), layers=args.layers,
                        calib_batches=args.calib_batches, calib_seed=args.calib_seed,
+                       calib_data=args.calib_data, calib_seq_len=args.calib_seq_len,
                        sequential=not args.parallel, step=args.step,
                        options=dict(args.option), progress=None if args.quiet else print)
     before, after = report["before"], report["after"]
@@ -409,6 +410,11 @@ def _add_prune(sub: Any) -> None:
                        help="training batches of calibration data (default: %(default)s)")
     prune.add_argument("--calib-seed", type=int, default=None,
                        help="seed of the calibration batches (default: the run's)")
+    prune.add_argument("--calib-data", default=None, metavar="FILE",
+                       help="calibrate on this text file instead of the training stream "
+                       "(consecutive sequences, as Wanda / SparseGPT use C4)")
+    prune.add_argument("--calib-seq-len", type=int, default=None,
+                       help="tokens per --calib-data sequence (default: the context)")
     prune.add_argument("--parallel", action="store_true",
                        help="calibrate every layer on the dense model in one pass instead "
                        "of sequentially")

@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from sparsejax.errors import PrepareError
+from sparsejax.errors import ConfigError, PrepareError
 
-__all__ = ["EOT", "META_FORMAT", "PrepareError", "Tokenizer", "char_level_split", "prepare",
+__all__ = ["EOT", "META_FORMAT", "PrepareError", "Tokenizer", "char_level_split",
+           "encode_text_file", "prepare",
            "read_meta", "token_dtype", "train_bpe"]
 
 META_FORMAT = "sparsejax-tokens/1"
@@ -221,6 +222,24 @@ def train_bpe(sources: list[Path], vocab_size: int, progress: bool = False) -> T
 
     hf.train_from_iterator(texts(), trainer=trainer)
     return Tokenizer(hf)
+
+
+def encode_text_file(path: Path, tokenizer: Tokenizer, flag: str) -> tuple[np.ndarray, int]:
+    """``(token ids, bytes)`` of a whole file as one sequence (raw bytes for the byte
+    tokenizer, UTF-8 text otherwise); errors are one line naming ``flag`` and the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{flag} {path}: {err.strerror or err}") from None
+    if tokenizer.hf is None:
+        return tokenizer.encode(raw), len(raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{flag} {path} is not UTF-8 text (byte {err.start}); the "
+                           "tokenizer cannot encode it") from None
+    return tokenizer.encode(text), len(raw)
+
 
 
 # --------------------------------------------------------------------------- preparing

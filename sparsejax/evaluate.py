@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.corpus import Tokenizer
+from sparsejax.corpus import encode_text_file
 from sparsejax.errors import ConfigError
 from sparsejax.runs import load_model, resolve_checkpoint
 from sparsejax.sample import source_tokenizer
@@ -89,21 +89,6 @@ def evaluate_ids(model: nnx.Module, ids: np.ndarray, block: int, stride: int,
     return {"nll": total, "scored": scored, "tokens": int(len(ids))}
 
 
-def _encode(path: Path, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"--data {path}: {err.strerror or err}") from None
-    if tokenizer.hf is None:
-        return tokenizer.encode(raw), len(raw)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"--data {path} is not UTF-8 text (byte {err.start}); the "
-                          "tokenizer cannot encode it") from None
-    return tokenizer.encode(text), len(raw)
-
-
 def evaluate_text_file(source: str | Path, data: str | Path, *, block_size: int | None = None,
                        stride: int | None = None, batch_size: int = 1,
                        step: int | None = None, json_out: str | Path | None = None,
@@ -121,7 +106,7 @@ def evaluate_text_file(source: str | Path, data: str | Path, *, block_size: int 
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     stride = block if stride is None else stride
     strided_windows(2, block, stride)  # refuses a bad stride before any work
-    ids, n_bytes = _encode(Path(data), source_tokenizer(run_dir, cfg))
+    ids, n_bytes = encode_text_file(Path(data), source_tokenizer(run_dir, cfg), "--data")
     if len(ids) < 2:
         raise ConfigError(f"--data {data} encodes to {len(ids)} token(s): nothing to score")
     sums = evaluate_ids(model, ids, block, stride, batch_size,

@@ -35,12 +35,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.calibration import calibration_batches, call_order, input_grams
+from sparsejax.calibration import (
+    calibration_batches,
+    call_order,
+    input_grams,
+    text_calibration_batches,
+)
 from sparsejax.config import RuleConfig, validate
 from sparsejax.errors import ConfigError, PruneError
 from sparsejax.evaluation import evaluate_model
 from sparsejax.nn import Linear, named_layers, transform_slots
 from sparsejax.runs import init_model, load_model, resolve_checkpoint, write_step_zero_run
+from sparsejax.sample import source_tokenizer
 from sparsejax.sparsity import check_nm
 from sparsejax.transforms import GramCalibration, build_spec, methods
 from sparsejax.transforms.prune import PruneResult, weighted_error
@@ -199,15 +205,35 @@ def _check_prune_arguments(out: Path, method: str, sparsity: float | None,
         raise ConfigError(f"--out {out} exists; choose a new directory")
 
 
+def _pruned_config(cfg: Any, out: Path, rule: RuleConfig) -> Any:
+    """The config of the pruned run: ``rule`` first, named after ``out``; a bad block is
+    reported with the command's flags."""
+    new_cfg = copy.deepcopy(cfg)
+    new_cfg.rules = [rule, *cfg.rules]
+    new_cfg.name, new_cfg.run_dir = out.name, str(out)
+    new_cfg.train.init_from = None
+    try:
+        validate(new_cfg)  # builds the prune block's spec, which names a bad field
+    except ConfigError as err:
+        message = str(err)
+        for key, flag in _FLAGS.items():
+            message = message.replace(key, flag)
+        raise ConfigError(message) from None
+    return new_cfg
+
+
 def prune_run(run_dir: str | Path, out: str | Path, *, method: str,
               sparsity: float | None = None, nm: tuple[int, int] | None = None,
               layers: str = ".*", calib_batches: int = 32, calib_seed: int | None = None,
+              calib_data: str | Path | None = None, calib_seq_len: int | None = None,
               sequential: bool = True, step: int | None = None,
               options: dict[str, Any] | None = None,
               progress: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Prune the linear layers of the run ``run_dir`` (checkpoint ``step``, default the
     latest) that ``layers`` (a path regex) matches, with ``method`` at ``sparsity`` or
-    the ``nm`` pattern, calibrated on ``calib_batches`` training batches; write the
+    the ``nm`` pattern, calibrated on ``calib_batches`` training batches (or, with
+    ``calib_data``, batches of ``calib_seq_len``-token sequences of that text file: an HF
+    source has no training stream); write the
     pruned model as a new run directory ``out`` and return the report (also in
     ``out/prune.json``): validation metrics before and after, one entry per layer.
 
@@ -218,17 +244,7 @@ def prune_run(run_dir: str | Path, out: str | Path, *, method: str,
     _check_prune_arguments(out, method, sparsity, nm, calib_batches)
     source_dir, step = resolve_checkpoint(run_dir, step)
     source, cfg, step = load_model(source_dir, step)
-    new_cfg = copy.deepcopy(cfg)
-    new_cfg.rules = [_prune_rule(method, layers, sparsity, nm, options or {}), *cfg.rules]
-    new_cfg.name, new_cfg.run_dir = out.name, str(out)
-    new_cfg.train.init_from = None
-    try:
-        validate(new_cfg)  # builds the prune block's spec, which names a bad field
-    except ConfigError as err:
-        message = str(err)
-        for key, flag in _FLAGS.items():
-            message = message.replace(key, flag)
-        raise ConfigError(message) from None
+    new_cfg = _pruned_config(cfg, out, _prune_rule(method, layers, sparsity, nm, options or {}))
     try:
         model = init_model(new_cfg, load_init=False)
     except ConfigError as err:
@@ -242,7 +258,10 @@ def prune_run(run_dir: str | Path, out: str | Path, *, method: str,
         f"batches{'' if calib_seed is None else f' of seed {calib_seed}'}, "
         f"{'sequential' if sequential else 'all layers from the dense model'}")
     before = evaluate_model(source, cfg)
-    batches = calibration_batches(cfg, calib_batches, calib_seed)
+    batches = (calibration_batches(cfg, calib_batches, calib_seed) if calib_data is None
+               else text_calibration_batches(Path(calib_data), source_tokenizer(source_dir, cfg),
+                                             calib_seq_len or cfg.model.block_size,
+                                             cfg.data.batch_size, calib_batches))
     start = time.perf_counter()
     try:
         reports = prune_model(model, batches, sequential=sequential, progress=progress)

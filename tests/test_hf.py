@@ -232,3 +232,24 @@ def test_sample_and_evaluate_need_the_hf_tokenizer_and_say_so(tmp_path):
         assert done.returncode == 2, done.stderr
         assert "has no tokenizer.json" in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_an_hf_model_is_pruned_on_calibration_text_and_exported(tmp_path):
+    from sparsejax.corpus import train_bpe
+    from sparsejax.export import export_run
+    from sparsejax.posttrain import prune_run
+
+    directory = _copy("llama_gqa", tmp_path)
+    text = tmp_path / "calib.txt"
+    text.write_text("the pruned model is calibrated on text like this line\n" * 200)
+    train_bpe([text], 300).hf.save(str(directory / "tokenizer.json"))
+    report = prune_run(directory, tmp_path / "pruned", method="wanda", nm=(2, 4),
+                       calib_data=text, calib_batches=2, calib_seq_len=16, progress=None)
+    assert report["pattern"] == "2:4" and report["density"] == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="--calib-data .* tokens; 200 batches"):
+        prune_run(directory, tmp_path / "more", method="wanda", nm=(2, 4), calib_data=text,
+                  calib_batches=200, calib_seq_len=64, progress=None)
+    export_run(tmp_path / "pruned", tmp_path / "hf")
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    w = exported["model.layers.0.mlp.up_proj.weight"]  # (out, in): 2 of every 4 inputs
+    assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
