@@ -277,6 +277,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_source(parser: argparse.ArgumentParser, name: str = "run_dir") -> None:
+    """The model a command reads: a run, one of its checkpoints or a Hugging Face model
+    directory, and ``--step``."""
+    parser.add_argument(name, help="run directory (latest checkpoint), "
+                        "<run>/checkpoints/<step> or a Hugging Face model directory")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step")
+
+
 def _add_train(sub: Any) -> None:
     """The ``train`` command's arguments."""
     train = sub.add_parser("train", help="train from a YAML config (resumes if the run exists)")
@@ -317,14 +325,12 @@ def _add_sample(sub: Any) -> None:
     """The ``sample`` command's arguments."""
     smp = sub.add_parser("sample", help="continue a prompt with a trained run's model "
                          "(KV-cached decoding)")
-    smp.add_argument("run_dir", help="run directory (latest checkpoint) or "
-                     "<run>/checkpoints/<step>")
+    _add_source(smp, "run_dir")
     smp.add_argument("--prompt", default="", help="text to continue (default: start of text)")
     smp.add_argument("--max-new-tokens", type=int, default=200)
     smp.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     smp.add_argument("--top-k", type=int, default=40, help="0: no cut")
     smp.add_argument("--seed", type=int, default=0)
-    smp.add_argument("--step", type=int, default=None, help="checkpoint step")
     smp.add_argument("--pack", action="store_true",
                      help="run 2:4 sparse layers packed (their sparse kernel)")
     smp.set_defaults(func=_cmd_sample)
@@ -365,13 +371,11 @@ def _add_evaluate_analog(sub: Any) -> None:
     """The ``evaluate-analog`` command's arguments."""
     analog = sub.add_parser("evaluate-analog", help="program a trained run onto simulated "
                             "PCM devices and evaluate it at times after programming")
-    analog.add_argument("run_dir", help="run directory (latest checkpoint) or "
-                        "<run>/checkpoints/<step>")
+    _add_source(analog, "run_dir")
     analog.add_argument("--times", default="60,3600,86400,2592000,31536000",
                         help="seconds after programming, comma-separated (suffixes m,h,d,y)")
     analog.add_argument("--repeats", type=int, default=5, help="programmed chips per time")
     analog.add_argument("--seed", type=int, default=0)
-    analog.add_argument("--step", type=int, default=None, help="checkpoint step")
     analog.add_argument("--layers", default=None, help="regex of linear layers to program "
                         "(default: the analog layers, or all linear layers)")
     analog.add_argument("--no-drift-compensation", action="store_true")
@@ -394,8 +398,7 @@ def _add_prune(sub: Any) -> None:
         "of the already pruned ones), and write the pruned model as a new run directory "
         "(step 0) that compare, evaluate-analog, sample and train.init_from read. Prints "
         "the validation loss before and after.")
-    prune.add_argument("run_dir", help="run directory (latest checkpoint) or "
-                       "<run>/checkpoints/<step>")
+    _add_source(prune, "run_dir")
     prune.add_argument("--method", required=True, metavar="magnitude|wanda|sparsegpt|dsf")
     pattern = prune.add_mutually_exclusive_group(required=True)
     pattern.add_argument("--sparsity", type=float, default=None,
@@ -421,7 +424,6 @@ def _add_prune(sub: Any) -> None:
     prune.add_argument("--option", type=_option, action="append", default=[],
                        metavar="KEY=VALUE", help="a method field, e.g. rounds=20 (dsf) or "
                        "blocksize=64 (sparsegpt); repeatable")
-    prune.add_argument("--step", type=int, default=None, help="checkpoint step")
     prune.add_argument("--quiet", action="store_true")
     prune.set_defaults(func=_cmd_prune)
 
@@ -434,15 +436,13 @@ def _add_compress(sub: Any) -> None:
         description="Compress the matched linear layers of a trained run (the weights only; "
         "simulated: the approximations are written as dense kernels) and write a new run "
         "directory (step 0) with compress.json. Prints the validation loss before and after.")
-    compress.add_argument("run_dir", help="run directory (latest checkpoint) or "
-                          "<run>/checkpoints/<step>")
+    _add_source(compress, "run_dir")
     compress.add_argument("--method", required=True, metavar="signed_cuts|rtn|rtn_minmax|svd")
     compress.add_argument("--bits", type=float, required=True,
                           help="bits per weight of each compressed layer, e.g. 1 or 0.5")
     compress.add_argument("--out", required=True, help="new run directory (must not exist)")
     compress.add_argument("--layers", default=r"blocks/\d+/(attn|mlp)/.*", metavar="REGEX",
                           help="layer paths (default: the transformer blocks' linears)")
-    compress.add_argument("--step", type=int, default=None, help="checkpoint step")
     compress.add_argument("--quiet", action="store_true")
     compress.set_defaults(func=_cmd_compress)
 
@@ -454,10 +454,8 @@ def _add_export(sub: Any) -> None:
         description="Write the model of a run, checkpoint or Hugging Face directory as "
         "config.json + model.safetensors (+ tokenizer.json): the inference weights, sparse "
         "layers dense with their zeros, MaskLLM's masks applied, quantisation dequantised.")
-    export.add_argument("source", help="run directory, <run>/checkpoints/<step> or an HF "
-                        "model directory")
+    _add_source(export, "source")
     export.add_argument("--out", required=True, help="new directory (must not exist)")
-    export.add_argument("--step", type=int, default=None, help="checkpoint step")
     export.set_defaults(func=_cmd_export)
 
 
@@ -469,15 +467,13 @@ def _add_evaluate(sub: Any) -> None:
         description="Encode FILE as one sequence with the model's tokenizer; windows of "
         "--block-size tokens every --stride tokens score only the targets no earlier "
         "window scored. Prints perplexity and bits per byte.")
-    ev.add_argument("source", help="run directory, <run>/checkpoints/<step> or an HF model "
-                    "directory")
+    _add_source(ev, "source")
     ev.add_argument("--data", required=True, metavar="FILE", help="text file")
     ev.add_argument("--block-size", type=int, default=None, help="window length (default: "
                     "the model's context)")
     ev.add_argument("--stride", type=int, default=None, help="window start spacing "
                     "(default: the block size)")
     ev.add_argument("--batch-size", type=int, default=1, help="windows per forward")
-    ev.add_argument("--step", type=int, default=None, help="checkpoint step")
     ev.add_argument("--json", default=None, metavar="OUT", help="also write the result")
     ev.set_defaults(func=_cmd_evaluate)
 
