@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from sparsejax.config import Config
 from sparsejax.errors import ConfigError
 from sparsejax.hf import export_tensors, unexportable
 from sparsejax.models import HFMapping, hf_mapping, hf_model_types
-from sparsejax.runs import load_model, resolve_checkpoint
+from sparsejax.runs import load_model, resolve_checkpoint, staged_directory
 
 __all__ = ["export_run", "mapping_of"]
 
@@ -65,16 +64,10 @@ def export_run(source: str | Path, out: str | Path, step: int | None = None
     config = mapping.export_config(cfg.model)
     model_type = config["model_type"]
     tensors = export_tensors(model, cfg, model_type)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_directory(out) as partial:
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
         tokenizer = _tokenizer_file(run_dir, cfg)
         if tokenizer is not None:
             shutil.copy(tokenizer, partial / "tokenizer.json")
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return {"out": str(out), "model_type": model_type, "tensors": len(tensors), "step": step}

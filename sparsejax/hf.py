@@ -23,7 +23,7 @@ from safetensors import safe_open
 from sparsejax.config import Config, from_dict
 from sparsejax.errors import CheckpointError, ConfigError
 from sparsejax.models import hf_mapping, hf_model_types
-from sparsejax.nn import Linear, named_layers, transform_slots
+from sparsejax.nn import Linear, named_layers, param_name, transform_slots
 from sparsejax.tasks import build_model
 from sparsejax.transforms import CustomMatmul
 
@@ -105,7 +105,7 @@ def load_hf_model(directory: str | Path) -> tuple[nnx.Module, Config]:
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
 
     def fill(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+        name = param_name(path)
         if name not in tensors:
             raise CheckpointError(f"{directory}: no checkpoint tensor maps to parameter "
                                   f"{name}")
@@ -141,7 +141,7 @@ def export_tensors(model: nnx.Module, cfg: Config, model_type: str) -> dict[str,
     linear layer's effective weight (sparse layers dense with their zeros, MaskLLM's argmax
     masks applied, simulated quantisation dequantised)."""
     linears = {f"{path}/kernel": layer for path, layer in named_layers(model, (Linear,))}
-    params = {jax.tree_util.keystr(p, simple=True, separator="/").removesuffix("/value"): v
+    params = {param_name(p): v
               for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))}
     out = {}
     for path, spec in hf_mapping(model_type).tensors(cfg.model).items():

@@ -10,11 +10,12 @@ included) and rebuilds a trained one; the trainer, ``prune``, ``compress``, ``sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,15 @@ from sparsejax.checkpoint import Checkpointer
 from sparsejax.config import Config, config_diff, from_dict, to_flat_dict, to_yaml
 from sparsejax.errors import CheckpointError, ConfigError, RunDirError
 from sparsejax.hf import is_hf_dir, load_hf_model
-from sparsejax.nn import TransformParam, apply_rules, transform_slots
+from sparsejax.nn import TransformParam, apply_rules, param_name, transform_slots
 from sparsejax.optim import build_optimizer
 from sparsejax.tasks import build_model
 from sparsejax.transforms import Calibration, GramCalibration
 
-__all__ = ["RESUMABLE_KEYS", "TrainState", "carry_calibrated_state", "count_params",
-           "init_model", "init_model_with_source", "load_model", "load_params_into",
-           "prepare_run_dir", "read_saved_config", "resolve_checkpoint", "resolve_run_dir",
-           "restore_newest_intact", "save_step_zero", "uncalibrated_layers", "write_atomic",
+__all__ = ["RESUMABLE_KEYS", "TrainState", "carry_calibrated_state", "count_params", "init_model",
+           "init_model_with_source", "load_model", "load_params_into", "prepare_run_dir",
+           "read_saved_config", "resolve_checkpoint", "resolve_run_dir", "restore_newest_intact",
+           "save_step_zero", "staged_directory", "uncalibrated_layers", "write_atomic",
            "write_step_zero_run"]
 
 
@@ -85,7 +86,7 @@ def load_params_into(model: nnx.Module, source: nnx.Module, origin: str) -> list
     loaded = dict(jax.tree_util.tree_leaves_with_path(nnx.state(source, nnx.Param)))
     copied, values = [], []
     for path, value in jax.tree_util.tree_leaves_with_path(target):
-        name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+        name = param_name(path)
         if path not in loaded:
             if path not in own:
                 raise ConfigError(f"train.init_from {origin} has no parameter {name}")
@@ -285,6 +286,21 @@ def save_step_zero(cfg: Any, model: nnx.Module, directory: Path) -> None:
         ckpt.close()
 
 
+@contextlib.contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """A fresh, uniquely named directory beside ``out`` (never a path a user made) to write
+    a multi-file output into; published as ``out`` by one rename when the block ends, and
+    removed when it raises, so an interruption leaves no half output at ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield partial
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
 def write_step_zero_run(out: Path, cfg: Any, model: nnx.Module, report_name: str,
                         report: dict[str, Any], what: str) -> None:
     """Write ``model`` as the run directory ``out``: the step-0 checkpoint, ``cfg`` as
@@ -292,11 +308,7 @@ def write_step_zero_run(out: Path, cfg: Any, model: nnx.Module, report_name: str
     validation metrics ``report["after"]`` (and ``report["before"]`` as
     ``val_<metric>_before_<what>``). Written to a fresh ``.<out>.*.partial`` beside it
     first, then renamed, so an interrupted write leaves no half run at ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh, uniquely named directory beside ``out`` (never a path a user made), removed
-    # when the write fails; published by one rename.
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_directory(out) as partial:
         save_step_zero(cfg, model, partial)
         (partial / "config.yaml").write_text(to_yaml(cfg))
         (partial / report_name).write_text(json.dumps(report, indent=2) + "\n")
@@ -305,7 +317,3 @@ def write_step_zero_run(out: Path, cfg: Any, model: nnx.Module, report_name: str
              **{f"val_{k}": v for k, v in report["after"].items()},
              **{f"val_{k}_before_{what}": v for k, v in report["before"].items()}},
             indent=2) + "\n")
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise

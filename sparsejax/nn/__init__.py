@@ -30,6 +30,7 @@ from sparsejax.nn.rules import (
     loss_terms,
     named_layers,
     param_labels,
+    param_name,
     rule_specs,
     snapshot_changes,
     snapshots,
@@ -44,10 +45,10 @@ from sparsejax.nn.slots import (
     TransformState,
 )
 
-__all__ = ["ACTIVATIONS", "BATCH_AXES", "Activation", "Attention", "Embed", "LayerNorm",
-           "Linear", "PackedState", "RMSNorm", "TransformHost", "TransformMetrics",
-           "TransformParam", "TransformSlot", "TransformState", "WeightOverride",
-           "analog_layers", "apply_rules", "apply_updates", "assign_rules", "dropout",
-           "has_updates", "layer_metrics", "loss_terms", "named_layers", "pack_model",
-           "param_labels", "rule_specs", "snapshot_changes", "snapshots", "shard_batch",
-           "sparse_layers", "tap_attention", "tap_linear_inputs", "transform_slots"]
+__all__ = ["ACTIVATIONS", "BATCH_AXES", "Activation", "Attention", "Embed", "LayerNorm", "Linear",
+           "PackedState", "RMSNorm", "TransformHost", "TransformMetrics", "TransformParam",
+           "TransformSlot", "TransformState", "WeightOverride", "analog_layers", "apply_rules",
+           "apply_updates", "assign_rules", "dropout", "has_updates", "layer_metrics",
+           "loss_terms", "named_layers", "pack_model", "param_labels", "param_name", "rule_specs",
+           "snapshot_changes", "snapshots", "shard_batch", "sparse_layers", "tap_attention",
+           "tap_linear_inputs", "transform_slots"]

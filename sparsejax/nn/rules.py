@@ -42,9 +42,8 @@ from sparsejax.transforms import (
 )
 
 __all__ = ["analog_layers", "apply_rules", "apply_updates", "assign_rules", "has_updates",
-           "layer_metrics", "loss_terms",
-           "named_layers", "param_labels", "rule_specs", "snapshot_changes", "snapshots",
-           "sparse_layers", "transform_slots"]
+           "layer_metrics", "loss_terms", "named_layers", "param_labels", "param_name",
+           "rule_specs", "snapshot_changes", "snapshots", "sparse_layers", "transform_slots"]
 
 LAYER_TYPES = (TransformHost,)  # the layers rules configure
 
@@ -55,6 +54,12 @@ def named_layers(model: nnx.Module, types: tuple[type, ...] = (Linear,)
     order: attributes sorted by name)."""
     return [("/".join(str(p) for p in path), node)
             for path, node in nnx.iter_graph(model) if isinstance(node, types)]
+
+
+def param_name(path: tuple) -> str:
+    """``layers/0/attn/q/kernel``: the ``/``-joined module path and name of a parameter,
+    from its key path in ``nnx.state(model, nnx.Param)``."""
+    return jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
 
 
 def _block(rule: Any, key: str) -> Any:
